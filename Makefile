@@ -1,0 +1,25 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup run test bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $@
+
+run: setup          ## the benchmark on the bundled default: dvc repro under one MLflow parent run
+	unlearnops repro
+
+test: setup         ## the test suite (GPU tests skip without CUDA)
+	$(PY) -m pytest -q
+
+bench: setup        ## speed benchmarks; they print tables
+	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_epsilon.py
+
+clean:              ## remove pipeline outputs (not the venv)
+	rm -rf data/prepared models/target models/retrain models/unlearned metrics reports mlflow.db mlartifacts

@@ -1,0 +1,6 @@
+"""DVC stage `train_target`: see unlearnops.pipeline.train_target."""
+import sys
+
+from unlearnops.cli import run_stage
+
+run_stage("train_target", sys.argv[1:])

@@ -1,0 +1,69 @@
+"""`unlearnops ...`: the command line. Each command is a thin call into the library."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from unlearnops.config import ConfigError, load_params
+from unlearnops.stack import CheckpointError
+
+USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError)
+
+
+def run_stage(stage: str, argv: list[str]) -> None:
+    """Entry point of stages/<stage>.py: a bad input gives one clear line and exit code 2."""
+    from unlearnops import pipeline
+
+    try:
+        params = load_params(os.environ.get("UNLEARNOPS_PARAMS", "params.yaml"))
+        getattr(pipeline, stage)(params, *argv)
+    except USER_ERRORS as err:
+        print(f"error: {stage}: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cmd_repro(args) -> int:
+    """`dvc repro` inside one parent MLflow run that every stage's run nests under."""
+    from unlearnops import tracking
+
+    mlflow = tracking.configure(load_params(args.params))
+    with mlflow.start_run(run_name="pipeline", tags={"unlearnops.stage": "pipeline"}) as run:
+        env = {**os.environ, tracking.PARENT_ENV: run.info.run_id}
+        code = subprocess.call(["dvc", "repro", *args.dvc_args], env=env)
+        mlflow.set_tag("dvc_exit_code", code)
+    return code
+
+
+def cmd_methods(args) -> int:
+    from unlearnops import methods
+
+    print("\n".join(methods.available()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unlearnops", description="Machine unlearning benchmark and operations.")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    repro = sub.add_parser("repro", help="run `dvc repro` under one parent MLflow run")
+    repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed on to dvc repro")
+    repro.set_defaults(func=cmd_repro)
+
+    sub.add_parser("methods", help="list the registered unlearning methods").set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

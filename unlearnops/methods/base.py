@@ -1,0 +1,50 @@
+"""The contract every unlearning method follows."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from unlearnops.config import build_dataclass
+from unlearnops.data import Part
+from unlearnops.stack import ModelStack
+from unlearnops.training import FitConfig, Runtime, Stream
+
+
+@dataclass
+class UnlearnData:
+    """What a method may look at: retain, forget and validation data (never the test split)."""
+
+    retain: Part
+    forget: Part
+    val: Part
+    num_classes: int
+    augment: bool
+
+
+class Unlearner:
+    """A method maps N copies of the original model to N unlearned models.
+
+    `unlearn` receives the original replicated N times (`models.seeds[i]` is run i's seed) and
+    returns the N unlearned models. N=1 is a single production unlearning run. Methods do
+    not read files or log; the unlearn stage does that.
+    """
+
+    name: ClassVar[str]
+    Hparams: ClassVar[type]  # a dataclass; its fields are exactly the keys of methods.<name>
+
+    def __init__(self, hparams: dict, params: dict):
+        self.hp = build_dataclass(self.Hparams, hparams, f"methods.{self.name}")
+        self.params = params
+
+    def unlearn(self, models: ModelStack, data: UnlearnData, runtime: Runtime) -> ModelStack:
+        raise NotImplementedError
+
+    # Helpers shared by the methods that fine-tune.
+    def fit_config(self, key: str = "fit") -> FitConfig:
+        return build_dataclass(FitConfig, getattr(self.hp, key), f"methods.{self.name}.{key}")
+
+    def retain_stream(self, data: UnlearnData, batch_size: int | None = None) -> Stream:
+        return Stream(data.retain.x, data.retain.y, batch_size or self.fit_config().batch_size, data.augment)
+
+    def forget_stream(self, data: UnlearnData, batch_size: int) -> Stream:
+        return Stream(data.forget.x, data.forget.y, batch_size, data.augment)

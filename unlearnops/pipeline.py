@@ -1,0 +1,130 @@
+"""The DVC stages' work: read params and inputs, call the library, write outputs, log to MLflow.
+
+Each function is one stage of dvc.yaml; `stages/<name>.py` only calls it. The paths here are
+the ones dvc.yaml declares as deps and outs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from unlearnops import data as data_lib
+from unlearnops import evaluation, methods, tracking
+from unlearnops.config import build_dataclass
+from unlearnops.nets import model_spec
+from unlearnops.outputs import RunOutputs, eval_parts, run_outputs
+from unlearnops.stack import ModelStack
+from unlearnops.training import FitConfig, Runtime, Stream, train_from_scratch
+
+PREPARED = Path("data/prepared")
+TARGET = Path("models/target")
+RETRAIN = Path("models/retrain")
+UNLEARNED = Path("models/unlearned")
+METRICS = Path("metrics")
+REPORTS = Path("reports")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomic JSON write: readers never see a half-written metrics file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def seeds(base: int, n: int) -> list[int]:
+    return [base + i for i in range(n)]
+
+
+def _fit_config(params: dict) -> FitConfig:
+    return build_dataclass(FitConfig, params["train"]["fit"], "train.fit")
+
+
+def _input_example(data: data_lib.PreparedData) -> np.ndarray:
+    return data["test"].x[:2].numpy()
+
+
+def prepare(params: dict) -> dict:
+    with tracking.stage_run(params, "prepare", {k: params[k] for k in ("data", "forget")}) as (mlflow, _):
+        summary = data_lib.prepare(params, PREPARED)
+        write_json(METRICS / "prepare.json", summary)
+        mlflow.log_metrics(summary)
+        mlflow.log_artifact(str(PREPARED / "samples.csv"))
+    return summary
+
+
+def _train_stage(params: dict, name: str, out_dir: Path, split: str, seed_list: list[int]) -> dict:
+    runtime = Runtime.from_params(params)
+    data = data_lib.load_prepared(PREPARED)
+    spec = model_spec(params, data.num_classes, data.in_channels, data.image_size)
+    logged = {"model": params["model"], "train": params["train"], "n_models": len(seed_list)}
+    with tracking.stage_run(params, name, logged) as (mlflow, _):
+        stream = Stream(data[split].x, data[split].y, params["train"]["fit"]["batch_size"], bool(params["train"]["augment"]))
+        stack, wall = train_from_scratch(spec, seed_list, stream, _fit_config(params), runtime, desc=name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stack.save(out_dir / "models.pt")
+        parts = eval_parts(data, params["evaluate"]["retain_max_samples"], params["evaluate"]["seed"])
+        outputs = run_outputs(stack, parts, runtime, wall)
+        outputs.save(out_dir / "logits.npz")
+        summary = {"n_models": stack.n, "accuracy": evaluation.accuracy_summary(outputs), "seconds_per_model": wall / stack.n, "wall_seconds": wall}
+        write_json(METRICS / f"{name}.json", summary)
+        mlflow.log_metrics(tracking.flatten({"accuracy": summary["accuracy"]}) | {"seconds_per_model": wall / stack.n, "wall_seconds": wall})
+        tracking.log_model(mlflow, stack.module(0), _input_example(data))
+    return summary
+
+
+def train_target(params: dict) -> dict:
+    """The model in production: trained once on the whole train split (retain + forget)."""
+    return _train_stage(params, "target", TARGET, "train", [int(params["train"]["seed"])])
+
+
+def retrain(params: dict) -> dict:
+    """The gold standard: N models trained from scratch on retain only, one seed each."""
+    return _train_stage(params, "retrain", RETRAIN, "retain", seeds(int(params["retrain"]["seed"]), int(params["n_models"])))
+
+
+def unlearn(params: dict, method_name: str) -> dict:
+    """Run `method_name` N times from the one target model, one seed per run."""
+    runtime = Runtime.from_params(params)
+    method = methods.get_method(method_name, params)
+    data = data_lib.load_prepared(PREPARED)
+    target = ModelStack.load(TARGET / "models.pt")
+    unlearn_data = methods.UnlearnData(data["retain"], data["forget"], data["val"], data.num_classes, bool(params["train"]["augment"]))
+    logged = {"method": method_name, "hparams": params["methods"][method_name], "n_models": params["n_models"]}
+    with tracking.stage_run(params, "unlearn", logged, run_name=f"unlearn-{method_name}") as (mlflow, _):
+        start = time.perf_counter()
+        stack = method.unlearn(ModelStack.replicate(target, seeds(int(params["unlearn"]["seed"]), int(params["n_models"]))), unlearn_data, runtime)
+        wall = time.perf_counter() - start
+        out_dir = UNLEARNED / method_name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stack.save(out_dir / "models.pt")
+        parts = eval_parts(data, params["evaluate"]["retain_max_samples"], params["evaluate"]["seed"])
+        run_outputs(stack, parts, runtime, wall).save(out_dir / "logits.npz")
+        mlflow.log_metrics({"seconds_per_model": wall / stack.n, "wall_seconds": wall})
+        tracking.log_model(mlflow, stack.module(0), _input_example(data))
+    return {"seconds_per_model": wall / stack.n}
+
+
+def evaluate(params: dict, method_name: str) -> dict:
+    methods.get_method(method_name, params)  # unknown names fail with the allowed list
+    unlearned = RunOutputs.load(UNLEARNED / method_name / "logits.npz")
+    retrained = RunOutputs.load(RETRAIN / "logits.npz")
+    with tracking.stage_run(params, "evaluate", {"method": method_name, "evaluate": params["evaluate"]}, run_name=f"evaluate-{method_name}") as (mlflow, _):
+        result = {"method": method_name, **evaluation.evaluate_method(unlearned, retrained, params)}
+        write_json(METRICS / "methods" / f"{method_name}.json", result)
+        mlflow.log_metrics({k: v for k, v in tracking.flatten(result).items() if isinstance(v, (int, float))})
+    return result
+
+
+def report(params: dict) -> dict:
+    from unlearnops import report as report_lib
+
+    with tracking.stage_run(params, "report", {"methods": params["unlearn"]["methods"]}) as (mlflow, _):
+        written = report_lib.build(params, METRICS, REPORTS)
+        for path in written:
+            mlflow.log_artifact(str(path))
+    return {"files": [str(p) for p in written]}

@@ -217,8 +217,6 @@ class Ledger:
         """Map every sample to delete to its owner; record why ids cannot be deleted."""
         table = _table(samples, ["sample_id", "user_id", "split"], "samples table")
         gone_samples, gone_users = self._deleted(deleted)
-        # Owners of deleted samples that the prepared table still holds (not yet re-prepared).
-        gone_users |= set(table.loc[table["sample_id"].isin(gone_samples), "user_id"])
         owner = dict(zip(table["sample_id"], table["user_id"]))
         split = dict(zip(table["sample_id"], table["split"]))
         train = table[(table["split"] == "train") & ~table["sample_id"].isin(gone_samples)]

@@ -73,6 +73,11 @@ def test_submit_by_samples_records_owners_and_accepts_string_ids(ledger):
     assert (r.sample_ids, r.sample_user_ids) == ([10, 13], [1, 2])
 
 
+def test_a_lone_string_is_one_id_not_its_digits(ledger):
+    r = ledger.submit(sample_ids="13", samples=SAMPLES)
+    assert (r.status, r.sample_ids) == (Status.received, [13])
+
+
 def test_submit_users_and_samples_together_deletes_the_union(ledger):
     r = ledger.submit(user_ids=[2], sample_ids=[10, 13], samples=SAMPLES)
     assert (r.sample_ids, r.sample_user_ids) == ([10, 13], [1, 2])
@@ -264,7 +269,7 @@ def test_transition_of_unknown_request_or_to_unknown_status_fails(ledger):
     with pytest.raises(LedgerError, match="no deletion request 'req-000042'"):
         ledger.transition("req-000042", "processing")
     r = ledger.submit(user_ids=[1], samples=SAMPLES)
-    with pytest.raises(ValueError):
+    with pytest.raises(LedgerError, match="unknown status 'done'; one of received, rejected"):
         ledger.transition(r.id, "done")
     assert ledger.get(r.id).status is Status.received
 
@@ -302,6 +307,15 @@ def test_list_filters_by_status_in_submission_order(ledger):
     assert [r.id for r in ledger.list()] == [a, b, c]
     assert [r.id for r in ledger.list("received")] == [a, c]
     assert [r.id for r in ledger.list(["rejected", Status.received])] == [a, b, c]
+
+
+def test_list_orders_ids_past_a_million_numerically(ledger):
+    for user, new_id in [(1, "req-999999"), (2, "req-1000000")]:
+        old_id = ledger.submit(user_ids=[user], samples=SAMPLES).id
+        with ledger.engine.begin() as connection:  # as if the ledger had grown that far
+            connection.exec_driver_sql(
+                f"UPDATE deletion_requests SET id = '{new_id}' WHERE id = '{old_id}'")
+    assert [r.id for r in ledger.list()] == ["req-999999", "req-1000000"]
 
 
 def test_forget_sample_ids_is_the_sorted_union(ledger):
@@ -477,3 +491,4 @@ def test_cmd_list_and_show(ledger, capsys):
     assert cmd_show(ledger, "req-000404") == 2
     assert "no deletion request 'req-000404'" in capsys.readouterr().out
     assert cmd_list(ledger, "bogus") == 2
+    assert "unknown status 'bogus'" in capsys.readouterr().out

@@ -68,6 +68,13 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
 DONE = (Status.approved, Status.deployed)
 
 
+def _status(value: Status | str) -> Status:
+    try:
+        return Status(value)
+    except ValueError:
+        raise LedgerError(f"unknown status {value!r}; one of {', '.join(Status)}") from None
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -93,11 +100,15 @@ class Base(DeclarativeBase):
     pass
 
 
+# Stored as the status name in a plain string column, so any database can hold it.
+STATUS_TYPE = Enum(Status, native_enum=False, length=16)
+
+
 class DeletionRequest(Base):
     __tablename__ = "deletion_requests"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    status: Mapped[Status] = mapped_column(Enum(Status, native_enum=False, length=16), index=True)
+    status: Mapped[Status] = mapped_column(STATUS_TYPE, index=True)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     # As asked by the requester.
     user_ids: Mapped[list[int]] = mapped_column(JSON)
@@ -119,8 +130,8 @@ class RequestEvent(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     request_id: Mapped[str] = mapped_column(ForeignKey("deletion_requests.id"), index=True)
-    from_status: Mapped[Status | None] = mapped_column(Enum(Status, native_enum=False, length=16))
-    to_status: Mapped[Status] = mapped_column(Enum(Status, native_enum=False, length=16))
+    from_status: Mapped[Status | None] = mapped_column(STATUS_TYPE)
+    to_status: Mapped[Status] = mapped_column(STATUS_TYPE)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     actor: Mapped[str | None]
     note: Mapped[str | None]
@@ -151,7 +162,8 @@ def _as_int(value: object) -> int | None:
 
 
 def _parse_ids(values: Iterable[object] | None, kind: str, problems: list[str]) -> list[int]:
-    values = list(values or [])
+    # A lone string is one id: list("123") would silently become ids 1, 2 and 3.
+    values = [values] if isinstance(values, str) else list(values or [])
     ids = [_as_int(v) for v in values]
     bad = [v for v, i in zip(values, ids) if i is None]
     if bad:
@@ -188,11 +200,9 @@ class Ledger:
         problems: list[str] = []
         users = _parse_ids(user_ids, "user", problems)
         requested = _parse_ids(sample_ids, "sample", problems)
-        resolved: dict[int, int] = {}
         if not problems and not users and not requested:
             problems.append("empty request: no user ids and no sample ids")
-        if not problems:
-            resolved = self._resolve(users, requested, samples, deleted, problems)
+        resolved = {} if problems else self._resolve(users, requested, samples, deleted, problems)
         now = _now()
         status = Status.rejected if problems else Status.received
         rejection = "; ".join(problems) or None
@@ -265,8 +275,8 @@ class Ledger:
     def submit_file(
         self,
         path: str | Path,
-        *,
         samples: str | Path | pd.DataFrame,
+        *,
         reason: str | None = None,
         actor: str | None = None,
         deleted: str | Path | pd.DataFrame | None = None,
@@ -289,10 +299,12 @@ class Ledger:
     def list(self, status: Status | str | Iterable[Status | str] | None = None
              ) -> list[DeletionRequest]:
         """Requests in submission order; only those with ``status`` (one or several) if given."""
-        query = select(DeletionRequest).order_by(DeletionRequest.id)
+        # By length first, so that req-1000000 comes after req-999999.
+        query = select(DeletionRequest).order_by(func.length(DeletionRequest.id),
+                                                 DeletionRequest.id)
         if status is not None:
             wanted = [status] if isinstance(status, str) else status
-            query = query.where(DeletionRequest.status.in_([Status(s) for s in wanted]))
+            query = query.where(DeletionRequest.status.in_([_status(s) for s in wanted]))
         with self._session() as session:
             return list(session.scalars(query))
 
@@ -318,7 +330,7 @@ class Ledger:
         extra: dict[str, Any] | None = None,
     ) -> DeletionRequest:
         """Move a request to ``to_status``, recording the event; ``extra`` is merged in."""
-        to_status = Status(to_status)
+        to_status = _status(to_status)
         with self._session.begin() as session:
             request = session.get(DeletionRequest, request_id, with_for_update=True)
             if request is None:

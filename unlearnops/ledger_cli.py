@@ -66,9 +66,8 @@ def cmd_list(ledger: Ledger, status: str | None = None) -> int:
     console = Console()
     try:
         requests = ledger.list(status)
-    except ValueError:  # Status(...) of an unknown name
-        console.print(f"[red]error:[/red] unknown status {escape(repr(status))}; one of "
-                      f"{', '.join(Status)}", highlight=False)
+    except LedgerError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         return 2
     console.print(_requests_table(requests, f"deletion requests ({status or 'all'})"))
     return 0

@@ -309,7 +309,7 @@ def load_prepared(out_dir: str | Path) -> PreparedData:
     if not np.array_equal(blob["sample_ids"].numpy(), table["sample_id"].to_numpy()):
         raise ConfigError(f"{out_dir}: images.pt and samples.csv disagree; rerun the prepare stage")
     x = blob["images"].float() / 255.0
-    train = torch.from_numpy((table["split"] == "train").to_numpy())
+    train = torch.from_numpy((table["split"] == "train").to_numpy().copy())
     mean = x[train].mean(dim=(0, 2, 3), keepdim=True)
     std = x[train].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     x = (x - mean) / std

@@ -197,7 +197,7 @@ def _fit_chunk(stack, streams, loss_fn, cfg, runtime, driver, desc, grad_scale):
     optimizer = _optimizer(cfg, list(params.values()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps * cfg.epochs))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.bf16)
-    bar = tqdm(range(cfg.epochs), desc=f"{desc} x{stack.n}", leave=False, mininterval=1.0)
+    bar = tqdm(range(cfg.epochs), desc=f"{desc} x{stack.n}", leave=False, mininterval=1.0, disable=None)
     for _ in bar:
         total = 0.0
         for _ in range(steps):

@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny configuration of the real pipeline that runs in seconds on a CPU."""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from unlearnops import data as data_lib
+from unlearnops.methods import UnlearnData
+from unlearnops.nets import model_spec
+from unlearnops.training import FitConfig, Runtime, Stream, train_from_scratch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(params: dict) -> dict:
+    """Shrink the repository's params.yaml to a seconds-long run on the synthetic data set."""
+    params = copy.deepcopy(params)
+    params["n_models"] = 4
+    params["data"]["name"] = "synthetic"
+    params["data"]["synthetic"].update(n_samples=400, n_classes=4, image_size=8, channels=1)
+    params["forget"].update(mode="random", fraction=0.05)
+    params["model"]["small_cnn"]["width"] = 4
+    params["runtime"].update(device="cpu", models_per_pass=4)
+    params["train"]["fit"]["epochs"] = 6
+    for hp in params["methods"].values():
+        for value in hp.values():
+            if isinstance(value, dict) and "epochs" in value:
+                value["epochs"] = min(value["epochs"], 2)
+    return params
+
+
+@pytest.fixture(scope="session")
+def repo_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture()
+def tiny_params(repo_params, tmp_path) -> dict:
+    params = tiny(repo_params)
+    params["data"]["deleted"] = str(tmp_path / "deleted.csv")
+    params["mlflow"].update(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "mlartifacts"))
+    return params
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(repo_params, tmp_path_factory):
+    """Prepared synthetic data and a trained target model, shared by the method tests.
+
+    Returns (params, data, unlearn_data, target_stack, runtime)."""
+    params = tiny(repo_params)
+    out = tmp_path_factory.mktemp("prepared")
+    params["data"]["deleted"] = str(out / "deleted.csv")
+    data_lib.prepare(params, out)
+    data = data_lib.load_prepared(out)
+    runtime = Runtime.from_params(params)
+    spec = model_spec(params, data.num_classes, data.in_channels, data.image_size)
+    cfg = FitConfig(**{**params["train"]["fit"], "epochs": 15})
+    target, _ = train_from_scratch(spec, [0], Stream(data["train"].x, data["train"].y, 32), cfg, runtime, "target")
+    unlearn_data = UnlearnData(data["retain"], data["forget"], data["val"], data.num_classes, augment=False)
+    return params, data, unlearn_data, target, runtime
+
+
+def accuracy(stack, part, runtime) -> torch.Tensor:
+    """Per-model accuracy of a stack on a data part: [N]."""
+    from unlearnops.training import predict
+
+    return (predict(stack, part.x, runtime).argmax(-1) == part.y).float().mean(1)
+
+
+@pytest.fixture()
+def repo_copy(tmp_path) -> Path:
+    """The repository's pipeline files in a temporary folder (for end-to-end `dvc repro`)."""
+    dest = tmp_path / "repo"
+    dest.mkdir()
+    for name in ("dvc.yaml", "params.yaml", "stages", "unlearnops"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
+    return dest

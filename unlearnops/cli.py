@@ -13,12 +13,20 @@ USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError)
 
 
 def run_stage(stage: str, argv: list[str]) -> None:
-    """Entry point of stages/<stage>.py: a bad input gives one clear line and exit code 2."""
+    """Entry point of stages/<stage>.py: a bad input gives one clear line and exit code 2.
+
+    argv: the stage's positional arguments, and `--condense NAME` for unlearn and evaluate."""
     from unlearnops import pipeline
 
+    parser = argparse.ArgumentParser(prog=f"stages/{stage}.py")
+    parser.add_argument("names", nargs="*")
+    if stage in ("unlearn", "evaluate"):
+        parser.add_argument("--condense", help="condense the retain set first (e.g. blend)")
+    args = parser.parse_args(argv)
+    options = {"condense": args.condense} if getattr(args, "condense", None) else {}
     try:
         params = load_params(os.environ.get("UNLEARNOPS_PARAMS", "params.yaml"))
-        getattr(pipeline, stage)(params, *argv)
+        getattr(pipeline, stage)(params, *args.names, **options)
     except USER_ERRORS as err:
         print(f"error: {stage}: {err}", file=sys.stderr)
         sys.exit(2)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unlearnops import condense as condense_lib
 from unlearnops import data as data_lib
 from unlearnops import evaluation, methods, tracking
 from unlearnops.config import build_dataclass
@@ -87,35 +88,55 @@ def retrain(params: dict) -> dict:
     return _train_stage(params, "retrain", RETRAIN, "retain", seeds(int(params["retrain"]["seed"]), int(params["n_models"])))
 
 
-def unlearn(params: dict, method_name: str) -> dict:
-    """Run `method_name` N times from the one target model, one seed per run."""
+def run_name(method_name: str, condense: str | None) -> str:
+    """Folder and metrics name of a run: the method, or `<method>+<condenser>` on a condensed retain set."""
+    return method_name if condense is None else f"{method_name}+{condense}"
+
+
+def unlearn(params: dict, method_name: str, condense: str | None = None) -> dict:
+    """Run `method_name` N times from the one target model, one seed per run; with `condense`
+    (a condenser of unlearnops.condense) on the condensed retain set, condensing included in the time."""
     runtime = Runtime.from_params(params)
     method = methods.get_method(method_name, params)
+    name = run_name(method_name, condense)
     data = data_lib.load_prepared(PREPARED)
     target = ModelStack.load(TARGET / "models.pt")
-    unlearn_data = methods.UnlearnData(data["retain"], data["forget"], data["val"], data.num_classes, bool(params["train"]["augment"]))
+    retain = data["retain"]
     logged = {"method": method_name, "hparams": params["methods"][method_name], "n_models": params["n_models"]}
-    with tracking.stage_run(params, "unlearn", logged, run_name=f"unlearn-{method_name}") as (mlflow, _):
+    if condense is not None:
+        logged["condense"] = {"name": condense, **params.get("condense", {}).get(condense, {})}
+    with tracking.stage_run(params, "unlearn", logged, run_name=f"unlearn-{name}") as (mlflow, _):
         start = time.perf_counter()
+        if condense is not None:
+            condensed = condense_lib.condense(condense, params, retain, data["forget"], target, runtime)
+            retain = condensed.retain
+            sizes = {"retain_before": len(data["retain"]), "retain_after": len(retain), "kept": condensed.n_kept, "blended": condensed.n_blended}
+        unlearn_data = methods.UnlearnData(retain, data["forget"], data["val"], data.num_classes, bool(params["train"]["augment"]))
         stack = method.unlearn(ModelStack.replicate(target, seeds(int(params["unlearn"]["seed"]), int(params["n_models"]))), unlearn_data, runtime)
         wall = time.perf_counter() - start
-        out_dir = UNLEARNED / method_name
+        out_dir = UNLEARNED / name
         out_dir.mkdir(parents=True, exist_ok=True)
         stack.save(out_dir / "models.pt")
         parts = eval_parts(data, params["evaluate"]["retain_max_samples"], params["evaluate"]["seed"])
         run_outputs(stack, parts, runtime, wall).save(out_dir / "logits.npz")
         mlflow.log_metrics({"seconds_per_model": wall / stack.n, "wall_seconds": wall})
+        if condense is not None:
+            write_json(out_dir / "condense.json", sizes)
+            mlflow.log_metrics({f"condense_{k}": v for k, v in sizes.items()})
         tracking.log_model(mlflow, stack.module(0), _input_example(data))
     return {"seconds_per_model": wall / stack.n}
 
 
-def evaluate(params: dict, method_name: str) -> dict:
+def evaluate(params: dict, method_name: str, condense: str | None = None) -> dict:
     methods.get_method(method_name, params)  # unknown names fail with the allowed list
-    unlearned = RunOutputs.load(UNLEARNED / method_name / "logits.npz")
+    name = run_name(method_name, condense)
+    unlearned = RunOutputs.load(UNLEARNED / name / "logits.npz")
     retrained = RunOutputs.load(RETRAIN / "logits.npz")
-    with tracking.stage_run(params, "evaluate", {"method": method_name, "evaluate": params["evaluate"]}, run_name=f"evaluate-{method_name}") as (mlflow, _):
-        result = {"method": method_name, **evaluation.evaluate_method(unlearned, retrained, params)}
-        write_json(METRICS / "methods" / f"{method_name}.json", result)
+    with tracking.stage_run(params, "evaluate", {"method": name, "evaluate": params["evaluate"]}, run_name=f"evaluate-{name}") as (mlflow, _):
+        result = {"method": name, **evaluation.evaluate_method(unlearned, retrained, params)}
+        if condense is not None:  # the retain-set sizes before and after condensing
+            result["condense"] = json.loads((UNLEARNED / name / "condense.json").read_text())
+        write_json(METRICS / "methods" / f"{name}.json", result)
         mlflow.log_metrics({k: v for k, v in tracking.flatten(result).items() if isinstance(v, (int, float))})
     return result
 

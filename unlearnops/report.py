@@ -25,7 +25,8 @@ def accuracy_table(params: dict, metrics_dir: Path) -> pd.DataFrame:
     load = lambda path: json.loads(Path(path).read_text())  # noqa: E731
     retrain = load(metrics_dir / "retrain.json")
     rows = [_row("target", load(metrics_dir / "target.json"), retrain["seconds_per_model"]), _row("retrain", retrain, retrain["seconds_per_model"])]
-    for name in params["unlearn"]["methods"]:
+    condensed = [f"{method}+blend" for method in params.get("condense", {}).get("methods", [])]
+    for name in [*params["unlearn"]["methods"], *condensed]:
         rows.append(_row(name, load(metrics_dir / "methods" / f"{name}.json"), retrain["seconds_per_model"]))
     return pd.DataFrame(rows)
 

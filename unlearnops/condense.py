@@ -121,7 +121,7 @@ def _blend_clusters(images, features, cluster, n_clusters, model, cfg, runtime):
     losses = []
     for _ in range(cfg.iterations):
         loss = matching_loss(blended())
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -15,7 +15,7 @@ import numpy as np
 from unlearnops import condense as condense_lib
 from unlearnops import data as data_lib
 from unlearnops import evaluation, methods, tracking
-from unlearnops.config import build_dataclass
+from unlearnops.config import build_dataclass, choose
 from unlearnops.nets import model_spec
 from unlearnops.outputs import RunOutputs, eval_parts, run_outputs
 from unlearnops.stack import ModelStack
@@ -90,7 +90,9 @@ def retrain(params: dict) -> dict:
 
 def run_name(method_name: str, condense: str | None) -> str:
     """Folder and metrics name of a run: the method, or `<method>+<condenser>` on a condensed retain set."""
-    return method_name if condense is None else f"{method_name}+{condense}"
+    if condense is None:
+        return method_name
+    return f"{method_name}+{choose(condense, condense_lib.CONDENSERS, 'condenser')}"
 
 
 def unlearn(params: dict, method_name: str, condense: str | None = None) -> dict:

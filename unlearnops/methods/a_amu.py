@@ -20,14 +20,16 @@ from unlearnops.methods.base import Unlearner
 from unlearnops.training import fit
 
 
-def loss_transform(losses: torch.Tensor, sharpness: float, cdf_margin: float, clip: float) -> torch.Tensor:
-    """T(l): log1p -> soft empirical CDF F_i = mean_j sigmoid(k relu(l_i - l_j)) -> probit -> clamp.
+def soft_cdf(values: torch.Tensor, sharpness: float, margin: float) -> torch.Tensor:
+    """F_i = mean_j sigmoid(k relu(v_i - v_j)): a differentiable empirical CDF of `values`
+    within itself, kept in [margin, 1 - margin] so its probit is finite."""
+    cdf = torch.sigmoid(sharpness * F.relu(values[:, None] - values[None, :])).mean(1)
+    return cdf.clamp(margin, 1 - margin)
 
-    The CDF is taken within `losses` itself; it is kept in [margin, 1 - margin] so the
-    probit stays finite, and the probit is clamped to [-clip, clip]."""
-    scaled = torch.log1p(losses)
-    cdf = torch.sigmoid(sharpness * F.relu(scaled[:, None] - scaled[None, :])).mean(1)
-    return torch.special.ndtri(cdf.clamp(cdf_margin, 1 - cdf_margin)).clamp(-clip, clip)
+
+def loss_transform(losses: torch.Tensor, sharpness: float, cdf_margin: float, clip: float) -> torch.Tensor:
+    """T(l): log1p -> soft empirical CDF -> probit -> clamp to [-clip, clip]."""
+    return torch.special.ndtri(soft_cdf(torch.log1p(losses), sharpness, cdf_margin)).clamp(-clip, clip)
 
 
 def gaussian_mmd(a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -104,11 +104,17 @@ def cosine_ramp(start: float, end: float, epoch: int, epochs: int) -> float:
 
 @register("muso")
 class Muso(Unlearner):
+    """The network form. After `unlearn`, `forget_labels[e]` holds epoch e's forget labels
+    ([N, n_forget], run i in row i), for inspection."""
+
     @dataclass
     class Hparams:
         eps_start: float  # ridge of the projector at the first epoch ...
         eps_end: float  # ... ramped (cosine) to this at the last
-        keep_ratio: float  # fraction of retain rows (drawn per run and epoch) in the projector
+        # Fraction of retain rows (drawn per run and epoch) spanning the projector. The reference
+        # down-samples "when rows exceed 2 * keep_ratio * N_r", which holds for every keep_ratio
+        # below 1/2, so that condition is no separate knob; keep_ratio 1 uses every row.
+        keep_ratio: float
         fit: dict  # optimiser of the CE steps on [retain; relabelled forget]
 
     def unlearn(self, models, data, runtime):
@@ -119,17 +125,19 @@ class Muso(Unlearner):
         n_rows = max(1, round(self.hp.keep_ratio * n_retain))
         w_p = head_matrix(models)
         w0 = head_matrix(ModelStack.fresh(models.spec, models.seeds))  # a random-init head per run
+        # The N models are copies of one original: its forget features are computed once.
         phi_original = with_ones(penultimate_features(models.select([0]), data.forget.x, runtime))
         gens = [torch.Generator().manual_seed(seed) for seed in models.seeds]
         x = torch.cat([data.retain.x, data.forget.x])
         retain_labels = data.retain.y.expand(models.n, n_retain)
-        current = models
+        current, self.forget_labels = models, []
         for epoch in range(cfg.epochs):
             eps = cosine_ramp(self.hp.eps_start, self.hp.eps_end, epoch, cfg.epochs)
             rows = torch.stack([torch.randperm(n_retain, generator=g)[:n_rows] for g in gens])
             z_retain = with_ones(penultimate_features(current, data.retain.x, runtime, rows))
             phi_current = with_ones(penultimate_features(current, data.forget.x, runtime))
             targets = forget_targets(phi_current, phi_original, z_retain, w0, w_p, eps)
+            self.forget_labels.append(targets)
             # One pass over [retain; forget] with per-run labels: true labels on retain, MUSO's
             # on forget. A fresh optimiser each epoch, since the forget labels change.
             stream = Stream(x, torch.cat([retain_labels, targets], dim=1), cfg.batch_size, data.augment)

@@ -25,7 +25,7 @@ def tiny(params: dict) -> dict:
     params["data"]["synthetic"].update(n_samples=400, n_classes=4, image_size=8, channels=1)
     params["forget"].update(mode="random", fraction=0.05)
     params["model"]["small_cnn"]["width"] = 4
-    params["runtime"].update(device="cpu", models_per_pass=4)
+    params["runtime"].update(device="cpu", models_per_pass=4, threads=1)  # one thread: tiny ops gain nothing from two, and lose badly on a busy machine
     params["train"]["fit"]["epochs"] = 6
     for hp in params["methods"].values():
         for value in hp.values():

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from unlearnops.config import build_dataclass
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
 from unlearnops.methods.layer_surgery import require_layers, transpose_conv_kernels
-from unlearnops.training import cross_entropy_on, fit
+from unlearnops.training import FitConfig, cross_entropy_on, fit
 
 
 @register("conv_transpose")
@@ -20,6 +21,9 @@ class ConvTranspose(Unlearner):
     @dataclass
     class Hparams:
         fit: dict
+
+        def __post_init__(self):
+            build_dataclass(FitConfig, self.fit, "methods.conv_transpose.fit")
 
     def transpose(self, models):
         return transpose_conv_kernels(models, require_layers(models.spec, ["conv"], self.name))

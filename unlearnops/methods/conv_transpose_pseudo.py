@@ -62,6 +62,8 @@ class ConvTransposePseudo(Unlearner):
         fit: dict
 
         def __post_init__(self):
+            build_dataclass(FitConfig, self.quick_fit, "methods.conv_transpose_pseudo.quick_fit")
+            build_dataclass(FitConfig, self.fit, "methods.conv_transpose_pseudo.fit")
             choose(self.change_score, CHANGE_SCORES, "methods.conv_transpose_pseudo.change_score")
             choose(self.pseudo_label, PSEUDO_LABELS, "methods.conv_transpose_pseudo.pseudo_label")
             if not 0.0 < self.pseudo_fraction <= 1.0:

@@ -13,25 +13,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from unlearnops.config import ConfigError, choose
+from unlearnops.config import ConfigError, build_dataclass, choose
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
 from unlearnops.methods.layer_surgery import LAYER_KINDS, SCOPES, check_fraction, fraction_masks, require_layers
 from unlearnops.stack import ModelStack
-from unlearnops.training import fit
+from unlearnops.training import FitConfig, fit
 
 
-def prune_and_reinit(models: ModelStack, names: list[str], fraction: float, scope: str) -> tuple[ModelStack, dict[str, torch.Tensor]]:
-    """Replace the `fraction` smallest-|w| entries of the named weights by fresh initial values.
-
-    Run i's fresh values come from the architecture's initialiser seeded with models.seeds[i].
-    Returns the new stack and the pruned masks ([N, ...] booleans, True = re-initialised)."""
-    masks = fraction_masks({name: models.params[name].abs() for name in names}, fraction, scope, largest=False)
+def prune_and_reinit(models: ModelStack, names: list[str], fraction: float, scope: str) -> ModelStack:
+    """Replace the `fraction` smallest-|w| entries of the named weights by fresh initial values;
+    run i's fresh values come from the architecture's initialiser seeded with models.seeds[i]."""
+    pruned = fraction_masks({name: models.params[name].abs() for name in names}, fraction, scope, largest=False)
     fresh = ModelStack.fresh(models.spec, models.seeds)
     params = dict(models.params)
-    for name, pruned in masks.items():
-        params[name] = torch.where(pruned, fresh.params[name], params[name])
-    return ModelStack(models.spec, params, dict(models.buffers), models.seeds), masks
+    for name, mask in pruned.items():
+        params[name] = torch.where(mask, fresh.params[name], params[name])
+    return ModelStack(models.spec, params, dict(models.buffers), models.seeds)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -51,6 +49,7 @@ class PruneReinit(Unlearner):
         fit: dict
 
         def __post_init__(self):
+            build_dataclass(FitConfig, self.fit, "methods.prune_reinit.fit")
             check_fraction(self.prune_fraction, "methods.prune_reinit.prune_fraction")
             choose(self.prune_scope, SCOPES, "methods.prune_reinit.prune_scope")
             if not self.prune_layers:
@@ -58,17 +57,14 @@ class PruneReinit(Unlearner):
             for kind in self.prune_layers:
                 choose(kind, LAYER_KINDS, "methods.prune_reinit.prune_layers entry")
 
-    def prune(self, models: ModelStack) -> tuple[ModelStack, dict[str, torch.Tensor]]:
-        names = require_layers(models.spec, self.hp.prune_layers, self.name)
-        return prune_and_reinit(models, names, self.hp.prune_fraction, self.hp.prune_scope)
-
     def class_weights(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         """w_c = (1 / count_c) ** exponent over the retain labels (absent classes count as 1)."""
         counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).float()
         return counts.pow(-self.hp.class_weight_exponent)
 
     def unlearn(self, models, data, runtime):
-        pruned, _ = self.prune(models)
+        names = require_layers(models.spec, self.hp.prune_layers, self.name)
+        pruned = prune_and_reinit(models, names, self.hp.prune_fraction, self.hp.prune_scope)
         original = models.module(0).to(runtime.device).requires_grad_(False)  # every run starts from the same original
         weights = self.class_weights(data.retain.y, data.num_classes).to(runtime.device)
         beta = self.hp.entropy_weight

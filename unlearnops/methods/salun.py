@@ -12,14 +12,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from unlearnops.config import choose
+from unlearnops.config import build_dataclass, choose
 from unlearnops.data import Part
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
 from unlearnops.methods.random_label import random_wrong_labels
 from unlearnops.methods.layer_surgery import SCOPES, check_fraction, fraction_masks
 from unlearnops.stack import ModelStack
-from unlearnops.training import Runtime, fit
+from unlearnops.training import FitConfig, Runtime, fit
 
 
 def forget_gradient(models: ModelStack, forget: Part, runtime: Runtime) -> dict[str, torch.Tensor]:
@@ -48,6 +48,7 @@ class SalUn(Unlearner):
         fit: dict
 
         def __post_init__(self):
+            build_dataclass(FitConfig, self.fit, "methods.salun.fit")
             check_fraction(self.saliency_fraction, "methods.salun.saliency_fraction")
             choose(self.saliency_scope, SCOPES, "methods.salun.saliency_scope")
 

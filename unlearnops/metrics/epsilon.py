@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -162,62 +163,94 @@ def _epsilon_table(n_models: int, delta: float) -> np.ndarray:
     return eps
 
 
-def _example_epsilon(pos: np.ndarray, neg: np.ndarray, table: np.ndarray) -> float:
-    """Best epsilon over both attack families for one example; pos/neg are sorted [N]."""
-    n_models = pos.shape[0]
+def _example_epsilon(merged: np.ndarray, pos_before: np.ndarray, pos_span, neg_span, table: np.ndarray) -> float:
+    """Best epsilon over both attack families for one example.
 
-    # Single threshold: predict positive when value >= t.
-    thresholds = single_threshold_grid(min(pos[0], neg[0]), max(pos[-1], neg[-1]))
-    false_neg = np.searchsorted(pos, thresholds, side="left")  # pos < t
-    false_pos = n_models - np.searchsorted(neg, thresholds, side="left")  # neg >= t
-    best = table[false_pos, false_neg].max(initial=-np.inf)
+    merged: the 2N values of both sides, sorted. pos_before[g]: how many positive-side values
+    are among merged[:g]. pos_span / neg_span: (min, max) of each side. For any threshold t,
+    g = #(values < t) (one searchsorted) then gives both sides' counts below t: this holds
+    with ties too, since equal values are all below t or all not. Each attack's
+    (false positives, false negatives) becomes a flat index fp * (N + 1) + fn into `table`.
+    """
+    n_models = merged.size // 2
+    below = np.arange(2 * n_models + 1)  # g, values in merged[:g]
+    flat = table.reshape(-1)
 
-    # Double threshold: the narrower distribution is positive (the wider one when ranges tie,
-    # as in the released swap `if pos_diff >= neg_diff`); predict positive inside [left, right].
-    pos_range, neg_range = pos[-1] - pos[0], neg[-1] - neg[0]
-    narrow, wide = (neg, pos) if pos_range >= neg_range else (pos, neg)
-    right, left = double_threshold_grid(narrow[0], narrow[-1], min(pos_range, neg_range))
+    # Single threshold, predict positive when value >= t:
+    # fn = positives < t = pos_before[g]; fp = negatives >= t = N - (g - pos_before[g]).
+    thresholds = single_threshold_grid(merged[0], merged[-1])
+    g = np.searchsorted(merged, thresholds, side="left")
+    single_index = (n_models - below + pos_before) * (n_models + 1) + pos_before
+    best = flat[single_index[g]].max(initial=-np.inf)
 
-    def inside(sorted_values):  # models with left <= value <= right, [n_right, n_left]
-        upto_right = np.searchsorted(sorted_values, right, side="right")[:, None]
-        below_left = np.searchsorted(sorted_values, left, side="left")
-        return np.maximum(upto_right - below_left, 0)  # empty interval when left > right
-
-    false_neg = n_models - inside(narrow)
-    false_pos = inside(wide)
-    best = max(best, table[false_pos, false_neg].max(initial=-np.inf))
+    # Double threshold: the narrower side is positive (the other side when ranges tie, as in
+    # the released swap `if pos_diff >= neg_diff`); predict positive when left <= value <= right.
+    pos_range, neg_range = pos_span[1] - pos_span[0], neg_span[1] - neg_span[0]
+    narrow_span, narrow_before = (neg_span, below - pos_before) if pos_range >= neg_range else (pos_span, pos_before)
+    right, left = double_threshold_grid(narrow_span[0], narrow_span[1], min(pos_range, neg_range))
+    g_right = np.searchsorted(merged, right, side="right")  # values <= right
+    # values < left; capped at g_right so that an empty interval (left > right) holds nothing.
+    g_left = np.minimum(np.searchsorted(merged, left, side="left"), g_right[:, None])
+    # Inside counts are differences of "before" counts, so with
+    # key[g] = wide_before[g] * (N + 1) - narrow_before[g], the attack's flat index
+    # fp * (N + 1) + fn  (fp = wide inside, fn = N - narrow inside) is key[g_r] + N - key[g_l].
+    key = (below - narrow_before) * (n_models + 1) - narrow_before
+    double_index = (key[g_right] + n_models)[:, None] - key[g_left]
+    best = max(best, flat[double_index].max(initial=-np.inf))
 
     # No kept threshold at all: the released code asserts; it only happens when no attack in
     # either family tells U from R (e.g. both the same constant), so epsilon is 0.
     return float(np.clip(best, 0.0, EPSILON_CAP)) if best > -np.inf else 0.0
 
 
-def per_example_epsilons(unlearned, retrained, delta: float = DELTA) -> np.ndarray:
+def per_example_epsilons(unlearned, retrained, delta: float = DELTA, workers: int | None = None) -> np.ndarray:
     """Epsilon per forget example from confidences U, R [N_models, n_examples] (equal N).
 
     Positive side = larger median (retrained only if strictly larger, as released); range
     ratio < 0.01 -> 50; otherwise the max over the single- and double-threshold attacks,
     clipped to [0, 50]. Agrees with `epsilon_reference.per_example_epsilons_reference`.
 
-    The per-model work is vectorised over examples (sorting, medians, ranges); each example
-    then scores all of its ~160k thresholds at once, O(log N) each via searchsorted.
+    Sorting, medians and the rules are vectorised over examples (in chunks, to bound memory);
+    each example then scores its ~160k thresholds at once, O(log N) each via searchsorted.
+    Examples are spread over `workers` threads (default: all CPUs); numpy releases the GIL
+    in the heavy calls.
     """
     unlearned, retrained = _check_confidences(unlearned, retrained)
     n_models, n_examples = unlearned.shape
-    retrain_is_positive = np.median(retrained, axis=0) > np.median(unlearned, axis=0)
-    pos = np.sort(np.where(retrain_is_positive, retrained, unlearned), axis=0)
-    neg = np.sort(np.where(retrain_is_positive, unlearned, retrained), axis=0)
+    table = _epsilon_table(n_models, delta)
+    epsilons = np.full(n_examples, EPSILON_CAP)
+    workers = workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, n_examples, _CHUNK):
+            chunk = slice(start, start + _CHUNK)
+            todo, args = _prepare_chunk(unlearned[:, chunk], retrained[:, chunk])
+            epsilons[start + todo] = list(pool.map(lambda a: _example_epsilon(*a, table), args))
+    return epsilons
 
-    ranges = np.stack([pos[-1] - pos[0], neg[-1] - neg[0]])
+
+_CHUNK = 256  # examples prepared at once: 2N x 256 values and counts
+
+
+def _prepare_chunk(unlearned: np.ndarray, retrained: np.ndarray):
+    """Per-example inputs of `_example_epsilon` for the examples that the range rule leaves."""
+    n_models = unlearned.shape[0]
+    retrain_is_positive = np.median(retrained, axis=0) > np.median(unlearned, axis=0)
+    pos = np.where(retrain_is_positive, retrained, unlearned).T  # [examples, N]
+    neg = np.where(retrain_is_positive, unlearned, retrained).T
+    pos_span = np.stack([pos.min(axis=1), pos.max(axis=1)], axis=1)
+    neg_span = np.stack([neg.min(axis=1), neg.max(axis=1)], axis=1)
+
+    ranges = np.stack([pos_span[:, 1] - pos_span[:, 0], neg_span[:, 1] - neg_span[:, 0]])
     with np.errstate(divide="ignore", invalid="ignore"):
         peaky = ranges.min(axis=0) / ranges.max(axis=0) < PEAKY_RANGE_RATIO  # 0/0 -> NaN -> False
 
-    table = _epsilon_table(n_models, delta)
-    epsilons = np.full(n_examples, EPSILON_CAP)
-    pos_t, neg_t = np.ascontiguousarray(pos.T), np.ascontiguousarray(neg.T)
-    for i in np.flatnonzero(~peaky):
-        epsilons[i] = _example_epsilon(pos_t[i], neg_t[i], table)
-    return epsilons
+    both = np.concatenate([pos, neg], axis=1)  # positive side in columns [0, N)
+    order = np.argsort(both, axis=1, kind="stable")
+    merged = np.take_along_axis(both, order, axis=1)
+    pos_before = np.zeros((both.shape[0], 2 * n_models + 1), dtype=np.int64)
+    np.cumsum(order < n_models, axis=1, out=pos_before[:, 1:])
+    todo = np.flatnonzero(~peaky)
+    return todo, [(merged[i], pos_before[i], pos_span[i], neg_span[i]) for i in todo]
 
 
 # --------------------------------------------------------------------------------------

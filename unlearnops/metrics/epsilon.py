@@ -42,6 +42,7 @@ INTERVAL_BUFFER = 2.0  # how far interval ends may move around the positive dist
 PEAKY_RANGE_RATIO = 0.01  # smaller range / larger range below this -> epsilon = cap
 BIN_WIDTH = 0.5
 LOG_FLOOR = 1e-45  # added inside each log of the logit-scaled confidence
+_CHUNK = 256  # examples prepared at once (2N sorted values and counts each)
 
 ACCURACY_KEYS = ("retain_unlearned", "retain_retrained", "test_unlearned", "test_retrained")
 
@@ -203,6 +204,28 @@ def _example_epsilon(merged: np.ndarray, pos_before: np.ndarray, pos_span, neg_s
     return float(np.clip(best, 0.0, EPSILON_CAP)) if best > -np.inf else 0.0
 
 
+def _prepare_chunk(unlearned: np.ndarray, retrained: np.ndarray):
+    """Per-example inputs of `_example_epsilon` for the examples that the range rule leaves."""
+    n_models = unlearned.shape[0]
+    retrain_is_positive = np.median(retrained, axis=0) > np.median(unlearned, axis=0)
+    pos = np.where(retrain_is_positive, retrained, unlearned).T  # [examples, N]
+    neg = np.where(retrain_is_positive, unlearned, retrained).T
+    pos_span = np.stack([pos.min(axis=1), pos.max(axis=1)], axis=1)
+    neg_span = np.stack([neg.min(axis=1), neg.max(axis=1)], axis=1)
+
+    ranges = np.stack([pos_span[:, 1] - pos_span[:, 0], neg_span[:, 1] - neg_span[:, 0]])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        peaky = ranges.min(axis=0) / ranges.max(axis=0) < PEAKY_RANGE_RATIO  # 0/0 -> NaN -> False
+
+    both = np.concatenate([pos, neg], axis=1)  # positive side in columns [0, N)
+    order = np.argsort(both, axis=1, kind="stable")
+    merged = np.take_along_axis(both, order, axis=1)
+    pos_before = np.zeros((both.shape[0], 2 * n_models + 1), dtype=np.int64)
+    np.cumsum(order < n_models, axis=1, out=pos_before[:, 1:])
+    todo = np.flatnonzero(~peaky)
+    return todo, [(merged[i], pos_before[i], pos_span[i], neg_span[i]) for i in todo]
+
+
 def per_example_epsilons(unlearned, retrained, delta: float = DELTA, workers: int | None = None) -> np.ndarray:
     """Epsilon per forget example from confidences U, R [N_models, n_examples] (equal N).
 
@@ -226,31 +249,6 @@ def per_example_epsilons(unlearned, retrained, delta: float = DELTA, workers: in
             todo, args = _prepare_chunk(unlearned[:, chunk], retrained[:, chunk])
             epsilons[start + todo] = list(pool.map(lambda a: _example_epsilon(*a, table), args))
     return epsilons
-
-
-_CHUNK = 256  # examples prepared at once: 2N x 256 values and counts
-
-
-def _prepare_chunk(unlearned: np.ndarray, retrained: np.ndarray):
-    """Per-example inputs of `_example_epsilon` for the examples that the range rule leaves."""
-    n_models = unlearned.shape[0]
-    retrain_is_positive = np.median(retrained, axis=0) > np.median(unlearned, axis=0)
-    pos = np.where(retrain_is_positive, retrained, unlearned).T  # [examples, N]
-    neg = np.where(retrain_is_positive, unlearned, retrained).T
-    pos_span = np.stack([pos.min(axis=1), pos.max(axis=1)], axis=1)
-    neg_span = np.stack([neg.min(axis=1), neg.max(axis=1)], axis=1)
-
-    ranges = np.stack([pos_span[:, 1] - pos_span[:, 0], neg_span[:, 1] - neg_span[:, 0]])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        peaky = ranges.min(axis=0) / ranges.max(axis=0) < PEAKY_RANGE_RATIO  # 0/0 -> NaN -> False
-
-    both = np.concatenate([pos, neg], axis=1)  # positive side in columns [0, N)
-    order = np.argsort(both, axis=1, kind="stable")
-    merged = np.take_along_axis(both, order, axis=1)
-    pos_before = np.zeros((both.shape[0], 2 * n_models + 1), dtype=np.int64)
-    np.cumsum(order < n_models, axis=1, out=pos_before[:, 1:])
-    todo = np.flatnonzero(~peaky)
-    return todo, [(merged[i], pos_before[i], pos_span[i], neg_span[i]) for i in todo]
 
 
 # --------------------------------------------------------------------------------------
@@ -338,6 +336,11 @@ def bootstrap_scores(
     U and R model indices are drawn with replacement, independently; each unlearned model
     keeps its own retain/test accuracy (accuracies: per-model arrays under ACCURACY_KEYS).
     Each replicate re-scores every example, so the cost is n_boot full scorings.
+
+    Caution: a resample repeats models, and repeated values make the threshold attacks
+    stronger, so replicates score F lower than the full sample does. The percentile
+    interval can then lie wholly below the estimate (seen with U and R from the same
+    distribution); compare `bootstrap_mean` with `estimate` to see the shift.
     """
     unlearned, retrained = _check_confidences(conf_unlearned, conf_retrained)
     n_models = unlearned.shape[0]
@@ -352,9 +355,10 @@ def bootstrap_scores(
     ])
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(replicates, [tail, 100 - tail], axis=0)
+    mean = replicates.mean(axis=0)
     return {
-        "forget_quality": {"estimate": F, "low": float(low[0]), "high": float(high[0])},
-        "final_score": {"estimate": final, "low": float(low[1]), "high": float(high[1])},
+        "forget_quality": {"estimate": F, "low": float(low[0]), "high": float(high[0]), "bootstrap_mean": float(mean[0])},
+        "final_score": {"estimate": final, "low": float(low[1]), "high": float(high[1]), "bootstrap_mean": float(mean[1])},
         "n_boot": n_boot,
         "level": level,
     }

@@ -29,6 +29,7 @@ import json
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -144,6 +145,7 @@ def _check_confidences(unlearned, retrained) -> tuple[np.ndarray, np.ndarray]:
     return unlearned, retrained
 
 
+@lru_cache(maxsize=8)  # bootstrap and ranking runs rescore with the same N many times
 def _epsilon_table(n_models: int, delta: float) -> np.ndarray:
     """Epsilon of one threshold for every (false-positive count, false-negative count).
 
@@ -161,6 +163,7 @@ def _epsilon_table(n_models: int, delta: float) -> np.ndarray:
     eps[(fpr == 0) | (fnr == 0)] = np.nan
     eps[0, 0] = np.inf
     eps[np.isnan(eps)] = -np.inf
+    eps.flags.writeable = False  # shared through the cache
     return eps
 
 

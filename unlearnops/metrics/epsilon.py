@@ -28,9 +28,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -105,10 +105,11 @@ def single_threshold_grid(low: float, high: float) -> np.ndarray:
 def double_threshold_grid(pos_min: float, pos_max: float, width: float) -> tuple[np.ndarray, np.ndarray]:
     """Interval attacks [left, right] around the narrower ("positive") distribution.
 
-    Right ends: 100 per unit from pos_min + width - 2 to pos_max + 2 (about 400, since width
-    is the positive range). For each right end tr: 400 left ends from tr - width - 2 to
-    tr - width + 2. Returns right [n_right] and left [n_right, 400]; a left end above its
-    right end is an empty interval, kept as in the released code (it is discarded later).
+    Right ends: 100 per unit from pos_min + width - 2 to pos_max + 2 (400 or 401 of them, as
+    width is the positive range, so the span is 4 up to rounding). For each right end tr: 400
+    left ends from tr - width - 2 to tr - width + 2; about 160,000 pairs in all.
+    Returns right [n_right] and left [n_right, 400]. A left end above its right end is an
+    empty interval, kept as in the released code (its threshold is discarded later).
     """
     low = pos_min + width - INTERVAL_BUFFER
     high = pos_max + INTERVAL_BUFFER
@@ -348,6 +349,8 @@ def bootstrap_scores(
     unlearned, retrained = _check_confidences(conf_unlearned, conf_retrained)
     n_models = unlearned.shape[0]
     accuracies = _check_accuracies(accuracies, n_models)
+    if n_boot < 1 or not 0 < level < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < level < 1; got n_boot={n_boot}, level={level}")
     all_models = np.arange(n_models)
     F, final = _score(unlearned, retrained, accuracies, all_models, all_models)
 
@@ -393,8 +396,8 @@ def ranking_stability(per_method_inputs: Mapping, fractions=(1 / 8, 1 / 4, 1 / 2
             F, final = _score(u, r, accs, order_u[:k], order_r[:k])
             rows.append({"method": name, "fraction": fraction, "n_models": k, "forget_quality": F, "final_score": final})
     table = pd.DataFrame(rows)
-    table["rank"] = table.groupby("n_models")["final_score"].rank(ascending=False, method="min").astype(int)
-    return table.sort_values(["n_models", "rank"], ignore_index=True)
+    table["rank"] = table.groupby("fraction")["final_score"].rank(ascending=False, method="min").astype(int)
+    return table.sort_values(["n_models", "fraction", "rank"], ignore_index=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 from scipy.special import log_softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_validate
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from unlearnops.metrics.epsilon import _check_labels
@@ -59,7 +59,7 @@ def _feature(logits: np.ndarray, labels: np.ndarray, feature: str) -> np.ndarray
     raise ValueError(f"unknown feature {feature!r}; expected one of {FEATURES}")
 
 
-def _attacker() -> object:
+def _attacker() -> Pipeline:
     return make_pipeline(StandardScaler(), LogisticRegression())
 
 

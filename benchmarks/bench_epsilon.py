@@ -57,6 +57,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     n_compare, n_full = (3, 200) if args.quick else (8, 1000)
     cpus = os.cpu_count() or 1
+    # Timings on a shared machine depend on what else runs; print the load next to them.
+    print(f"{cpus} CPUs, load average {os.getloadavg()[0]:.1f} at start")
 
     unlearned, retrained = synthetic_confidences(n_compare, args.seed)
     reference, t_ref = timed(per_example_epsilons_reference, unlearned, retrained)
@@ -81,6 +83,7 @@ def main(argv=None) -> None:
         quality = forget_quality(eps, N_MODELS)["forget_quality"]
         rows.append([str(workers), f"{seconds:.2f}", f"{1e3 * seconds / n_full:.2f}", f"{quality:.4f}"])
     print_table(f"fast only: N = {N_MODELS} models x {n_full} examples", ["threads", "total s", "ms / example", "F"], rows)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at end")
 
 
 if __name__ == "__main__":

@@ -311,6 +311,7 @@ GOOD = np.arange(12.0).reshape(4, 3) / 10
         (GOOD[:1], GOOD[:1], "at least 2 models"),
         (GOOD[:, :0], GOOD[:, :0], "empty"),
         (GOOD[0], GOOD[0], "2-D"),
+        (GOOD, GOOD * 1e4, "spans"),
     ],
 )
 def test_score_files_bad_input_leaves_output_untouched(tmp_path, u, r, message):

@@ -44,6 +44,9 @@ PEAKY_RANGE_RATIO = 0.01  # smaller range / larger range below this -> epsilon =
 BIN_WIDTH = 0.5
 LOG_FLOOR = 1e-45  # added inside each log of the logit-scaled confidence
 _CHUNK = 256  # examples prepared at once (2N sorted values and counts each)
+# Not in the spec: a guard against grids too large for memory. Logit-scaled confidences
+# span at most 2 * -ln(1e-45) = 207 units per example (20,700 single thresholds).
+MAX_VALUE_RANGE = 1000.0
 
 ACCURACY_KEYS = ("retain_unlearned", "retain_retrained", "test_unlearned", "test_retrained")
 
@@ -143,6 +146,13 @@ def _check_confidences(unlearned, retrained) -> tuple[np.ndarray, np.ndarray]:
     for name, arr in (("unlearned", unlearned), ("retrained", retrained)):
         if not np.isfinite(arr).all():
             raise ValueError(f"{name} confidences contain NaN or inf ({np.size(arr) - np.isfinite(arr).sum()} values)")
+    spread = np.maximum(unlearned.max(axis=0), retrained.max(axis=0)) - np.minimum(unlearned.min(axis=0), retrained.min(axis=0))
+    if spread.max() > MAX_VALUE_RANGE:
+        raise ValueError(
+            f"example {int(spread.argmax())} spans {spread.max():.4g} units; at 100 thresholds per unit the grid "
+            f"would not fit in memory (limit {MAX_VALUE_RANGE}). Logit-scaled confidences lie within "
+            f"+-{-np.log(LOG_FLOOR):.1f}; were these computed some other way?"
+        )
     return unlearned, retrained
 
 

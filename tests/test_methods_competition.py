@@ -18,7 +18,7 @@ from unlearnops import nets
 from unlearnops.config import ConfigError
 from unlearnops.methods import get_method
 from unlearnops.methods.conv_perturb import inverse_frequency_weights, perturb_conv
-from unlearnops.methods.grad_reinit import gradient_information, reinitialise
+from unlearnops.methods.grad_reinit import gradient_information, reinitialise, smallest_fraction_mask
 from unlearnops.methods.kl_contrastive import kl_to_uniform, shift_and_noise
 from unlearnops.methods.scrub import distill_kl, frozen_teacher
 from unlearnops.stack import ModelStack
@@ -174,6 +174,14 @@ def test_grad_reinit_resets_the_given_fraction_with_smallest_gradient_informatio
         if fresh.numel() >= 100:  # He init, fan_out: std sqrt(2 / fan_out)
             assert abs(float(fresh.std()) / (2 / fan_out) ** 0.5 - 1) < 0.2
     assert all(torch.equal(reset.params[k], models.params[k]) for k in models.params if k not in masks)
+
+
+def test_smallest_fraction_mask_is_exact_with_ties():
+    scores = {"a": torch.tensor([[0.0, 0.5, 0.0], [0.2, 0.2, 0.2]]), "b": torch.tensor([[[0.0, 0.1]], [[0.2, 0.1]]])}
+    masks = smallest_fraction_mask(scores, 0.4)  # 2 of 5 per model
+    assert masks["a"].tolist() == [[True, False, True], [True, False, False]]
+    assert masks["b"].tolist() == [[[False, False]], [[False, True]]]
+    assert not any(m.any() for m in smallest_fraction_mask(scores, 0.0).values())
 
 
 def test_grad_reinit_fine_tunes_kept_weights_at_the_reduced_rate(tiny_setup):

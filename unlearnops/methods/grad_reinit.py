@@ -5,7 +5,8 @@
 2. Re-initialise (He init, fan_out, relu) the `reinit_fraction` of all conv weights (global,
    unstructured, across every conv layer) whose absolute gradient information is smallest.
 3. Fine-tune on retain; weights that were not reset learn at `kept_lr_factor` times the
-   learning rate (gradient scaling), the reset ones at the full rate.
+   learning rate (gradient scaling), the reset ones at the full rate. Weight decay, added by
+   the optimiser after the scaling, acts at the full rate on all of them.
 Model i's retain subsample and fresh weights come from models.seeds[i].
 """
 from __future__ import annotations
@@ -67,11 +68,16 @@ def gradient_information(models: ModelStack, data: UnlearnData, batch_size: int,
 
 def smallest_fraction_mask(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
     """Per model, True for the round(fraction * total) entries with the smallest score,
-    ranked globally across all tensors of `scores` (each [N, ...]). Ties: lower position first."""
+    ranked globally across all tensors of `scores` (each [N, ...])."""
     flat = torch.cat([s.flatten(1) for s in scores.values()], dim=1)
     k = round(fraction * flat.shape[1])
-    order = torch.argsort(flat, dim=1, stable=True)[:, :k]
-    chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, True)
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        threshold = flat.kthvalue(k, dim=1, keepdim=True).values  # O(size), unlike a full sort
+        chosen = flat < threshold
+        # Ties at the threshold (exact zeros behind dead ReLUs, say): the first ones by position.
+        ties = flat == threshold
+        chosen |= ties & (ties.cumsum(1, dtype=torch.int32) <= k - chosen.sum(1, keepdim=True))
     masks, offset = {}, 0
     for name, s in scores.items():
         size = s[0].numel()

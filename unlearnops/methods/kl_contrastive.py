@@ -12,6 +12,7 @@
    The retain pass repairs what the forget pass damaged.
 3. `fit`: a final cross-entropy fine-tuning on retain.
 
+Each pass is one engine `fit` call: momentum and the lr schedule restart every pass.
 The augmented view is a small random shift (zero padding) plus Gaussian noise, drawn per image
 and per model; unlike crop + flip at 32x32 it suits any image size, 8x8 digits included.
 """

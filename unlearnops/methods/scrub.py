@@ -5,6 +5,10 @@ retain (alpha * KL(teacher || student) + gamma * cross-entropy); the first `mste
 each begin with a max-step pass over forget (maximise KL(teacher || student)). KL is taken
 between temperature-softened outputs and scaled by T^2, as in the authors' DistillKL.
 alpha and gamma follow the paper's names (alpha weighs the KL, gamma the cross-entropy).
+
+At student == teacher the KL is at its minimum and its gradient is zero, so the first max-step
+barely moves; the min-steps' cross-entropy separates student from teacher and later max-steps
+act. Each pass is one engine `fit` call, so momentum and the lr schedule restart every pass.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Methods that reset or perturb weights (grad_reinit, conv_perturb) edit the stacked [N, ...]
 tensors directly before fine-tuning. Model i's random draws come from its own generator seeded
-from `models.seeds[i]`, so the same params give the same models and N=1 reproduces run 0.
+from `models.seeds[i]`: the same params give the same models, and model i's draws do not
+depend on how many models run beside it.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from unlearnops import methods, nets
 from unlearnops.config import ConfigError
 from unlearnops.data import Part
 from unlearnops.methods import UnlearnData
-from unlearnops.methods.layer_surgery import layer_weight_names
+from unlearnops.methods.weight_surgery import layer_weight_names
 from unlearnops.stack import ModelStack
 from unlearnops.training import FitConfig, Runtime, Stream, predict, train_from_scratch
 
@@ -61,7 +61,7 @@ def test_prune_reinit_reinitialises_exactly_the_l1_pruned_fraction(tiny_setup, s
     else:
         prune.global_unstructured([(layer, "weight") for layer in layers], pruning_method=prune.L1Unstructured, amount=fraction)
     expected = {f"{name}.weight": module.weight_mask == 0 for name, module in reference.named_modules() if hasattr(module, "weight_mask")}
-    assert sorted(expected) == sorted(layer_weight_names(target.spec, ["conv", "linear"]))
+    assert sorted(expected) == sorted(layer_weight_names(target.spec, ["conv", "linear"], "test"))
 
     fresh = ModelStack.fresh(target.spec, SEEDS)  # run i re-initialises from its own seed
     total = sum(mask.numel() for mask in expected.values())
@@ -82,7 +82,7 @@ def test_prune_reinit_reinitialises_exactly_the_l1_pruned_fraction(tiny_setup, s
 
 
 def assert_kernels_transposed(original: ModelStack, transposed: ModelStack):
-    convs = layer_weight_names(original.spec, ["conv"])
+    convs = layer_weight_names(original.spec, ["conv"], "test")
     assert convs
     for name, weight in original.params.items():
         if name in convs:
@@ -244,7 +244,7 @@ def test_methods_that_need_convolutions_refuse_an_architecture_without(tiny_setu
     monkeypatch.setitem(nets.ARCHITECTURES, "linear_only", lambda in_channels, num_classes, image_size: nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, num_classes)))
     models = ModelStack.replicate(ModelStack.fresh({**target.spec, "arch": "linear_only", "options": {}}, [0]), [5, 6])
     for name, changes in [("conv_transpose", {}), ("conv_transpose_pseudo", {}), ("prune_reinit", {"prune_layers": ["conv"]})]:
-        with pytest.raises(ConfigError, match=f"method '{name}' needs conv layers, but architecture 'linear_only' has none"):
+        with pytest.raises(ConfigError, match=f"method '{name}' needs convolution layers, but architecture 'linear_only' has none"):
             configured(params, name, **changes).unlearn(models, unlearn_data, runtime)
     # pruning conv and linear layers works without convolutions: the linear weights are pruned
     pruned = configured(params, "prune_reinit", fit={"epochs": 0}).unlearn(models, unlearn_data, runtime)

@@ -25,6 +25,7 @@ TARGET = Path("models/target")
 RETRAIN = Path("models/retrain")
 UNLEARNED = Path("models/unlearned")
 METRICS = Path("metrics")
+EVALUATION = Path("evaluation")
 REPORTS = Path("reports")
 
 
@@ -114,7 +115,10 @@ def evaluate(params: dict, method_name: str) -> dict:
     unlearned = RunOutputs.load(UNLEARNED / method_name / "logits.npz")
     retrained = RunOutputs.load(RETRAIN / "logits.npz")
     with tracking.stage_run(params, "evaluate", {"method": method_name, "evaluate": params["evaluate"]}, run_name=f"evaluate-{method_name}") as (mlflow, _):
-        result = {"method": method_name, **evaluation.evaluate_method(unlearned, retrained, params)}
+        metrics, arrays = evaluation.evaluate_method(unlearned, retrained, params)
+        result = {"method": method_name, **metrics}
+        EVALUATION.mkdir(exist_ok=True)
+        np.savez(EVALUATION / f"{method_name}.npz", **arrays)
         write_json(METRICS / "methods" / f"{method_name}.json", result)
         mlflow.log_metrics({k: v for k, v in tracking.flatten(result).items() if isinstance(v, (int, float))})
     return result
@@ -124,7 +128,7 @@ def report(params: dict) -> dict:
     from unlearnops import report as report_lib
 
     with tracking.stage_run(params, "report", {"methods": params["unlearn"]["methods"]}) as (mlflow, _):
-        written = report_lib.build(params, METRICS, REPORTS)
+        written = report_lib.build(params, METRICS, REPORTS, Path("models"))
         for path in written:
             mlflow.log_artifact(str(path))
     return {"files": [str(p) for p in written]}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from unlearnops.config import build_dataclass
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.methods.layer_surgery import require_layers, transpose_conv_kernels
+from unlearnops.methods.weight_surgery import conv_weight_names, transpose_conv_kernels
 from unlearnops.training import FitConfig, cross_entropy_on, fit
 
 
@@ -26,7 +26,7 @@ class ConvTranspose(Unlearner):
             build_dataclass(FitConfig, self.fit, "methods.conv_transpose.fit")
 
     def transpose(self, models):
-        return transpose_conv_kernels(models, require_layers(models.spec, ["conv"], self.name))
+        return transpose_conv_kernels(models, conv_weight_names(models.spec, self.name))
 
     def unlearn(self, models, data, runtime):
         streams = {"retain": self.retain_stream(data)}

@@ -26,7 +26,7 @@ from unlearnops.config import ConfigError, build_dataclass, choose
 from unlearnops.data import Part
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.methods.layer_surgery import require_layers, transpose_conv_kernels
+from unlearnops.methods.weight_surgery import conv_weight_names, transpose_conv_kernels
 from unlearnops.stack import ModelStack
 from unlearnops.training import FitConfig, Runtime, Stream, cross_entropy_on, fit, predict
 
@@ -70,7 +70,7 @@ class ConvTransposePseudo(Unlearner):
                 raise ConfigError(f"methods.conv_transpose_pseudo.pseudo_fraction must lie in (0, 1], got {self.pseudo_fraction}")
 
     def transpose(self, models: ModelStack) -> ModelStack:
-        return transpose_conv_kernels(models, require_layers(models.spec, ["conv"], self.name))
+        return transpose_conv_kernels(models, conv_weight_names(models.spec, self.name))
 
     def quickly_unlearned(self, models: ModelStack, data, runtime: Runtime) -> ModelStack:
         """Step 1 for run 0 only: the transposed original, briefly fine-tuned on retain (one model)."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from unlearnops.config import ConfigError, build_dataclass, choose
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.methods.layer_surgery import LAYER_KINDS, SCOPES, check_fraction, fraction_masks, require_layers
+from unlearnops.methods.weight_surgery import LAYER_KINDS, SCOPES, check_fraction, fraction_masks, layer_weight_names
 from unlearnops.stack import ModelStack
 from unlearnops.training import FitConfig, fit
 
@@ -63,7 +63,7 @@ class PruneReinit(Unlearner):
         return counts.pow(-self.hp.class_weight_exponent)
 
     def unlearn(self, models, data, runtime):
-        names = require_layers(models.spec, self.hp.prune_layers, self.name)
+        names = layer_weight_names(models.spec, self.hp.prune_layers, self.name)
         pruned = prune_and_reinit(models, names, self.hp.prune_fraction, self.hp.prune_scope)
         original = models.module(0).to(runtime.device).requires_grad_(False)  # every run starts from the same original
         weights = self.class_weights(data.retain.y, data.num_classes).to(runtime.device)

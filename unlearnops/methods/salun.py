@@ -17,7 +17,7 @@ from unlearnops.data import Part
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
 from unlearnops.methods.random_label import random_wrong_labels
-from unlearnops.methods.layer_surgery import SCOPES, check_fraction, fraction_masks
+from unlearnops.methods.weight_surgery import SCOPES, check_fraction, fraction_masks
 from unlearnops.stack import ModelStack
 from unlearnops.training import FitConfig, Runtime, fit
 

@@ -55,7 +55,13 @@ def test_repro_produces_every_output(pipeline_run):
     for method in params["unlearn"]["methods"]:
         metrics = json.loads((root / "metrics/methods" / f"{method}.json").read_text())
         assert metrics["n_models"] == n and 0 <= metrics["accuracy"]["test"]["mean"] <= 1
-    assert (root / "reports/accuracy.md").read_text().count("|") > 10
+    table = (root / "reports/table.md").read_text()
+    assert all(method in table for method in params["unlearn"]["methods"]) and "retrain (half vs half)" in table
+    assert (root / "reports/ranking_stability.csv").is_file()
+    for plot in ("confidence_histograms", "epsilons", "final_vs_time"):
+        assert (root / f"reports/plots/{plot}.png").read_bytes()[:4] == b"\x89PNG"
+    html = (root / "reports/index.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "src='http" not in html
 
 
 def test_dvc_metrics_show_and_nothing_reruns(pipeline_run):

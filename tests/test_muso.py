@@ -7,9 +7,8 @@ import copy
 import pytest
 import torch
 
-from conftest import accuracy
-from unlearnops import data as data_lib
-from unlearnops.methods import UnlearnData, get_method
+from conftest import accuracy, make_setup, tiny
+from unlearnops.methods import get_method
 from unlearnops.methods.muso import (
     forget_targets,
     gradient_descent,
@@ -21,7 +20,7 @@ from unlearnops.methods.muso import (
 )
 from unlearnops.nets import RandomFeatures, build_model, model_spec, without_head
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, Runtime, Stream, cross_entropy_on, fit, penultimate_features, predict, train_from_scratch
+from unlearnops.training import FitConfig, Runtime, Stream, cross_entropy_on, fit, penultimate_features, predict
 
 # ---------------------------------------------------------------- the linear form
 
@@ -153,21 +152,10 @@ def test_per_model_labels_train_each_model_on_its_own_labels(tiny_setup):
 def noisy_random_features_setup(repo_params, tmp_path_factory):
     """A random-features target on harder synthetic data, so the retrained head disagrees with
     the true labels on some forget samples (on the easy data it predicts them all correctly)."""
-    from conftest import tiny
-
     params = tiny(repo_params)
     params["data"]["synthetic"]["noise"] = 1.0
     params["model"].update(arch="random_features", random_features={"features": 256, "lengthscale": 1.0, "seed": 0})
-    out = tmp_path_factory.mktemp("noisy")
-    params["data"]["deleted"] = str(out / "deleted.csv")
-    data_lib.prepare(params, out)
-    data = data_lib.load_prepared(out)
-    runtime = Runtime.from_params(params)
-    spec = model_spec(params, data.num_classes, data.in_channels, data.image_size)
-    cfg = FitConfig(**{**params["train"]["fit"], "epochs": 15})
-    target, _ = train_from_scratch(spec, [0], Stream(data["train"].x, data["train"].y, 32), cfg, runtime, "target")
-    unlearn_data = UnlearnData(data["retain"], data["forget"], data["val"], data.num_classes, augment=False)
-    return params, data, unlearn_data, target, runtime
+    return make_setup(params, tmp_path_factory.mktemp("noisy"))
 
 
 def run_muso(params, unlearn_data, target, runtime, lr=1e-3, n_runs=4):

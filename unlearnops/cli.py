@@ -51,6 +51,14 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from unlearnops.metrics.epsilon import score_files
+
+    result = score_files(args.unlearned, args.retrained, args.out, labels_path=args.labels, logits=args.logits)
+    print(f"forget quality F = {result['forget_quality']:.4f} over {result['n_examples']} examples, {result['n_models']} models -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unlearnops", description="Machine unlearning benchmark and operations.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -61,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     repro.set_defaults(func=cmd_repro)
 
     sub.add_parser("methods", help="list the registered unlearning methods").set_defaults(func=cmd_methods)
+
+    score = sub.add_parser("score", help="the NeurIPS 2023 competition's epsilon score of saved arrays")
+    score.add_argument("--unlearned", required=True, help=".npy [N_models, N_examples] logit-scaled confidences (or logits with --logits)")
+    score.add_argument("--retrained", required=True, help=".npy of the same shape, from models retrained without the forget set")
+    score.add_argument("--out", required=True, help="JSON to write: epsilons (one per example), forget_quality, bins")
+    score.add_argument("--logits", action="store_true", help="inputs are [N_models, N_examples, C] logits; needs --labels")
+    score.add_argument("--labels", help=".npy [N_examples] integer labels (with --logits)")
+    score.set_defaults(func=cmd_score)
     return parser
 
 

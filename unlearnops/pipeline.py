@@ -26,6 +26,7 @@ TARGET = Path("models/target")
 RETRAIN = Path("models/retrain")
 UNLEARNED = Path("models/unlearned")
 METRICS = Path("metrics")
+EVALUATION = Path("evaluation")
 REPORTS = Path("reports")
 
 
@@ -135,9 +136,12 @@ def evaluate(params: dict, method_name: str, condense: str | None = None) -> dic
     unlearned = RunOutputs.load(UNLEARNED / name / "logits.npz")
     retrained = RunOutputs.load(RETRAIN / "logits.npz")
     with tracking.stage_run(params, "evaluate", {"method": name, "evaluate": params["evaluate"]}, run_name=f"evaluate-{name}") as (mlflow, _):
-        result = {"method": name, **evaluation.evaluate_method(unlearned, retrained, params)}
+        metrics, arrays = evaluation.evaluate_method(unlearned, retrained, params)
+        result = {"method": name, **metrics}
         if condense is not None:  # the retain-set sizes before and after condensing
             result["condense"] = json.loads((UNLEARNED / name / "condense.json").read_text())
+        EVALUATION.mkdir(exist_ok=True)
+        np.savez(EVALUATION / f"{name}.npz", **arrays)
         write_json(METRICS / "methods" / f"{name}.json", result)
         mlflow.log_metrics({k: v for k, v in tracking.flatten(result).items() if isinstance(v, (int, float))})
     return result
@@ -147,7 +151,7 @@ def report(params: dict) -> dict:
     from unlearnops import report as report_lib
 
     with tracking.stage_run(params, "report", {"methods": params["unlearn"]["methods"]}) as (mlflow, _):
-        written = report_lib.build(params, METRICS, REPORTS)
+        written = report_lib.build(params, METRICS, REPORTS, Path("models"))
         for path in written:
             mlflow.log_artifact(str(path))
     return {"files": [str(p) for p in written]}

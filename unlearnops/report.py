@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from unlearnops import report_relearn
+
 
 def _row(name: str, metrics: dict, retrain_seconds: float) -> dict:
     acc = metrics["accuracy"]
@@ -36,4 +38,4 @@ def build(params: dict, metrics_dir: Path, out_dir: Path) -> list[Path]:
     csv_path, md_path = out_dir / "accuracy.csv", out_dir / "accuracy.md"
     table.to_csv(csv_path, index=False)
     md_path.write_text(table.to_markdown(index=False) + "\n")
-    return [csv_path, md_path]
+    return [csv_path, md_path, *report_relearn.build(params, metrics_dir, out_dir)]

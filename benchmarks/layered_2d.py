@@ -22,6 +22,11 @@ public notebook):
   on one fold only (label 1) and measure accuracy on the other fold after every epoch, on fresh
   held-out samples; report the best epoch (and the last, which is what the paper's notebook shows).
 
+Measured (10 seeds, 5000 samples; relearn B, best accuracy on A, plain vs LU): 0.988 vs 0.333
+with site_radius 10 (the default). The gap depends on how close A and B sit: site_radius 8 gave
+0.977 vs 0.566, 12 gave 0.996 vs 0.220. Relearning A instead recovers B fully after LU (0.996):
+LU protects the folds unlearned earlier from relearning on later ones, not the reverse.
+
 Run: `python benchmarks/layered_2d.py` (prints a table; --seeds/--n-samples shrink it).
 """
 from __future__ import annotations
@@ -213,6 +218,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, help="override benchmarks.layered_2d.seeds")
     parser.add_argument("--n-samples", type=int, help="override benchmarks.layered_2d.n_samples")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # tiny tensors: more threads only add overhead (and contention on a shared CPU)
     cfg = setup_from(load_params(args.params), seeds=args.seeds, n_samples=args.n_samples)
     start = time.perf_counter()
     results = run(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,6 +138,7 @@ def test_each_layered_stage_gets_the_right_forget_and_retain_sets(tiny_setup, sp
         ({"stages": [{}, {}, {}]}, r"stages has 3 entries but k = 2"),
         ({"stages": [{"fit": {"lrr": 0.1}}]}, r"methods.layered.stages\[0\].fit: unknown key 'lrr'; allowed: .*'lr'"),
         ({"stages": [{"alpha": 0.5}, 3]}, r"methods.layered.stages\[1\] must be a mapping"),
+        ({"stages": {"fit": {"lr": 0.1}}}, r"methods.layered.stages must be a list"),
     ],
 )
 def test_layered_config_errors(tiny_params, hparams, message):
@@ -313,6 +315,7 @@ def test_report_section_builds_table_and_plot(stage_dir):
 def _load_benchmark():
     spec = importlib.util.spec_from_file_location("layered_2d", REPO / "benchmarks" / "layered_2d.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

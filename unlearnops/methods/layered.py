@@ -49,6 +49,8 @@ class Layered(Unlearner):
         choose(hp.base, [m for m in available() if m != self.name], "methods.layered.base")
         if hp.k < 2:
             raise ConfigError(f"methods.layered.k must be at least 2, got {hp.k}")
+        if not isinstance(hp.stages, (list, type(None))):
+            raise ConfigError(f"methods.layered.stages must be a list of per-stage overrides, got {hp.stages!r}")
         overrides = list(hp.stages or [])
         if len(overrides) > hp.k:
             raise ConfigError(f"methods.layered.stages has {len(overrides)} entries but k = {hp.k}; give at most k")

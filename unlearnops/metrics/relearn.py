@@ -3,7 +3,8 @@
 The forget set is cut into k folds (`unlearnops.folds.assign_folds`, the folds Layered Unlearning
 uses). For every non-empty proper subset S of the folds, the attacker fine-tunes each model on S
 alone for a few epochs with a small learning rate and measures accuracy on the other folds
-T = F \\ S after every epoch; the attack's result is the best epoch. A method that really forgot
+T = F \\ S after every epoch; the attack's result is its best epoch (epochs 1..E, per model;
+the accuracy before the attack is reported beside it). A method that really forgot
 keeps T near where the retrained models end up under the same attack (fine-tuning on S also
 teaches a model that never saw T something about T: that is the reference, not zero).
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from unlearnops import data as data_lib
 from unlearnops import evaluation, methods, tracking
-from unlearnops.config import build_dataclass
+from unlearnops.config import build_dataclass, choose
 from unlearnops.nets import model_spec
 from unlearnops.outputs import RunOutputs, eval_parts, run_outputs
 from unlearnops.stack import ModelStack
@@ -122,6 +122,37 @@ def evaluate(params: dict, method_name: str) -> dict:
         write_json(METRICS / "methods" / f"{method_name}.json", result)
         mlflow.log_metrics({k: v for k, v in tracking.flatten(result).items() if isinstance(v, (int, float))})
     return result
+
+
+def relearn(params: dict, name: str) -> dict:
+    """The relearning attack on the first relearn.n_models models of `name`: a method, or `retrain`
+    (the reference: run first, every method's result embeds it)."""
+    from unlearnops.metrics import relearn as relearn_lib
+
+    choose(name, ["retrain", *methods.available()], "relearning target")
+    cfg = relearn_lib.config_from(params)
+    runtime = Runtime.from_params(params)
+    retrain_result = None if name == "retrain" else _read_json(METRICS / "relearn" / "retrain.json", "relearn_retrain")
+    stack = ModelStack.load((RETRAIN if name == "retrain" else UNLEARNED / name) / "models.pt")
+    forget = data_lib.load_prepared(PREPARED)["forget"]
+    with tracking.stage_run(params, "relearn", {"target": name, "relearn": params["relearn"]}, run_name=f"relearn-{name}") as (mlflow, _):
+        result = relearn_lib.relearning_attack(stack, forget, cfg, runtime)
+        if retrain_result is not None:
+            result = relearn_lib.with_retrain_reference(result, retrain_result)
+        result = {"name": name, **result}
+        write_json(METRICS / "relearn" / f"{name}.json", result)
+        summary = {k: v for k, v in tracking.flatten(result["subsets"], "relearn.").items() if isinstance(v, (int, float))}
+        mlflow.log_metrics(summary)
+        for key, entry in result["subsets"].items():
+            for epoch, accuracy in enumerate(entry["per_epoch"]):
+                mlflow.log_metric(f"relearn.{key}.accuracy_on_T", accuracy, step=epoch)
+    return result
+
+
+def _read_json(path: Path, stage: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (run the {stage} stage first)")
+    return json.loads(path.read_text())
 
 
 def report(params: dict) -> dict:

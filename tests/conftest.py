@@ -27,11 +27,20 @@ def tiny(params: dict) -> dict:
     params["model"]["small_cnn"]["width"] = 4
     params["runtime"].update(device="cpu", models_per_pass=4, threads=1)  # one thread: tiny ops gain nothing from two, and lose badly on a busy machine
     params["train"]["fit"]["epochs"] = 6
-    for hp in params["methods"].values():
-        for value in hp.values():
-            if isinstance(value, dict) and "epochs" in value:
-                value["epochs"] = min(value["epochs"], 2)
+    _cap_epochs(params["methods"], 2)
     return params
+
+
+def _cap_epochs(node, most: int) -> None:
+    """Cap every `epochs` key nested anywhere in dicts and lists (e.g. methods.layered.stages)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("epochs"), int):
+            node["epochs"] = min(node["epochs"], most)
+        for value in node.values():
+            _cap_epochs(value, most)
+    elif isinstance(node, list):
+        for value in node:
+            _cap_epochs(value, most)
 
 
 @pytest.fixture(scope="session")

@@ -164,6 +164,8 @@ def test_blend_stages_write_condensed_runs_and_report_them(tiny_params, tmp_path
     pipeline.evaluate(params, "finetune")
     run_stage("unlearn", ["finetune", "--condense", "blend"])  # what dvc.yaml's unlearn_blend runs
     run_stage("evaluate", ["finetune", "--condense", "blend"])
+    pipeline.relearn(params, "retrain")  # the report's relearning section needs these
+    pipeline.relearn(params, "finetune")
     pipeline.report(params)
 
     metrics = json.loads((tmp_path / "metrics/methods/finetune+blend.json").read_text())

@@ -61,7 +61,7 @@ def test_repro_produces_every_output(pipeline_run):
     for plot in ("confidence_histograms", "epsilons", "final_vs_time"):
         assert (root / f"reports/plots/{plot}.png").read_bytes()[:4] == b"\x89PNG"
     html = (root / "reports/index.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "src='http" not in html
+    assert html.count("data:image/png;base64,") == 4 and "src='http" not in html
 
 
 def test_dvc_metrics_show_and_nothing_reruns(pipeline_run):

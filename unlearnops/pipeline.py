@@ -147,6 +147,37 @@ def evaluate(params: dict, method_name: str, condense: str | None = None) -> dic
     return result
 
 
+def relearn(params: dict, name: str) -> dict:
+    """The relearning attack on the first relearn.n_models models of `name`: a method, or `retrain`
+    (the reference: run first, every method's result embeds it)."""
+    from unlearnops.metrics import relearn as relearn_lib
+
+    choose(name, ["retrain", *methods.available()], "relearning target")
+    cfg = relearn_lib.config_from(params)
+    runtime = Runtime.from_params(params)
+    retrain_result = None if name == "retrain" else _read_json(METRICS / "relearn" / "retrain.json", "relearn_retrain")
+    stack = ModelStack.load((RETRAIN if name == "retrain" else UNLEARNED / name) / "models.pt")
+    forget = data_lib.load_prepared(PREPARED)["forget"]
+    with tracking.stage_run(params, "relearn", {"target": name, "relearn": params["relearn"]}, run_name=f"relearn-{name}") as (mlflow, _):
+        result = relearn_lib.relearning_attack(stack, forget, cfg, runtime)
+        if retrain_result is not None:
+            result = relearn_lib.with_retrain_reference(result, retrain_result)
+        result = {"name": name, **result}
+        write_json(METRICS / "relearn" / f"{name}.json", result)
+        summary = {k: v for k, v in tracking.flatten(result["subsets"], "relearn.").items() if isinstance(v, (int, float))}
+        mlflow.log_metrics(summary)
+        for key, entry in result["subsets"].items():
+            for epoch, accuracy in enumerate(entry["per_epoch"]):
+                mlflow.log_metric(f"relearn.{key}.accuracy_on_T", accuracy, step=epoch)
+    return result
+
+
+def _read_json(path: Path, stage: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (run the {stage} stage first)")
+    return json.loads(path.read_text())
+
+
 def report(params: dict) -> dict:
     from unlearnops import report as report_lib
 

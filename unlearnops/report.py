@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from unlearnops import evaluation  # noqa: E402
+from unlearnops import evaluation, report_relearn  # noqa: E402
 from unlearnops.metrics import epsilon  # noqa: E402
 from unlearnops.outputs import RunOutputs  # noqa: E402
 
@@ -195,7 +195,9 @@ def build(params: dict, metrics_dir: Path, out_dir: Path, models_dir: Path = Pat
         "Per-example epsilon": plot_epsilons(epsilons, plots_dir / "epsilons.png"),
         "Final score vs time": plot_final_vs_time(table, metrics, retrain_seconds, plots_dir / "final_vs_time.png"),
     }
-    written = []
+    relearn_csv, relearn_md, relearn_png = report_relearn.build(params, metrics_dir, out_dir)
+    plots["Relearning attack: accuracy on held-back folds after fine-tuning on the others"] = relearn_png
+    written = [relearn_csv, relearn_md]
     for stem, frame in (("table", table), ("ranking_stability", stability)):
         frame.to_csv(out_dir / f"{stem}.csv", index=False)
         (out_dir / f"{stem}.md").write_text(frame.to_markdown(index=False, floatfmt=".3f") + "\n")
@@ -207,7 +209,11 @@ def build(params: dict, metrics_dir: Path, out_dir: Path, models_dir: Path = Pat
         "bootstrap intervals lean below the estimate.",
         "The retrain row scores half of the retrained models against the other half: the best a method can reach with N/2 models.",
     ]
-    html = write_html(out_dir / "index.html", f"unlearnops benchmark: {setting_name(params)}", {"Results (seed study Table 1 layout)": table, "Ranking stability (Final and rank by number of models)": stability}, plots, notes)
+    html = write_html(out_dir / "index.html", f"unlearnops benchmark: {setting_name(params)}", {
+            "Results (seed study Table 1 layout)": table,
+            "Ranking stability (Final and rank by number of models)": stability,
+            "Relearning attack": pd.read_csv(relearn_csv),
+        }, plots, notes)
     summary = {row["method"]: {k: v for k, v in row.items() if isinstance(v, (int, float))} for row in table.to_dict("records")}
     (metrics_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return written + list(plots.values()) + [html, metrics_dir / "report.json"]

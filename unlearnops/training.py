@@ -30,6 +30,8 @@ SCHEDULES = ("constant", "cosine", "linear")
 # A per-model loss: (forward, batches) -> scalar, where forward(x) gives this model's logits
 # and batches maps a stream name to this model's (x, y).
 LossFn = Callable[[Callable[[torch.Tensor], torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]
+# Called after every epoch with (epoch number from 1, which models of the stack, those models).
+EpochHook = Callable[[int, slice, ModelStack], None]
 
 
 @dataclass
@@ -165,12 +167,14 @@ def fit(
     driver: str,
     desc: str = "train",
     grad_scale: dict[str, torch.Tensor] | None = None,
+    on_epoch_end: EpochHook | None = None,
 ) -> ModelStack:
     """Train every model of `stack` for cfg.epochs passes over the `driver` stream.
 
     Each step draws one batch per stream per model (other streams cycle). `grad_scale`
     multiplies gradients elementwise (masks for SalUn, 1/10 learning rate for kept weights...).
-    Models are trained `runtime.models_per_pass` at a time to bound memory.
+    Models are trained `runtime.models_per_pass` at a time to bound memory. `on_epoch_end`, if
+    given, sees the models after every epoch (e.g. to measure accuracy along the way).
     """
     if cfg.epochs == 0:
         return stack
@@ -179,11 +183,12 @@ def fit(
         index = slice(start, start + runtime.models_per_pass)
         chunk_scale = {k: v[index] for k, v in grad_scale.items()} if grad_scale else None
         chunk_streams = {name: s.for_models(index) for name, s in streams.items()}
-        chunks.append(_fit_chunk(stack.select(index), chunk_streams, loss_fn, cfg, runtime, driver, desc, chunk_scale))
+        hook = (lambda epoch, models, index=index: on_epoch_end(epoch, index, models)) if on_epoch_end else None
+        chunks.append(_fit_chunk(stack.select(index), chunk_streams, loss_fn, cfg, runtime, driver, desc, chunk_scale, hook))
     return ModelStack.concat(chunks)
 
 
-def _fit_chunk(stack, streams, loss_fn, cfg, runtime, driver, desc, grad_scale):
+def _fit_chunk(stack, streams, loss_fn, cfg, runtime, driver, desc, grad_scale, on_epoch_end):
     device = runtime.device
     base = build_model(stack.spec).to(device).train()
     params = {k: v.detach().to(device).clone().requires_grad_(True) for k, v in stack.params.items()}
@@ -206,7 +211,7 @@ def _fit_chunk(stack, streams, loss_fn, cfg, runtime, driver, desc, grad_scale):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps * cfg.epochs))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.bf16)
     bar = tqdm(range(cfg.epochs), desc=f"{desc} x{stack.n}", leave=False, mininterval=1.0, disable=None)
-    for _ in bar:
+    for epoch in bar:
         total = 0.0
         for _ in range(steps):
             batches = {}
@@ -226,6 +231,8 @@ def _fit_chunk(stack, streams, loss_fn, cfg, runtime, driver, desc, grad_scale):
             scheduler.step()
             total += float(losses.detach().mean())
         bar.set_postfix(loss=f"{total / steps:.4f}")
+        if on_epoch_end:
+            on_epoch_end(epoch + 1, ModelStack(stack.spec, {k: v.detach() for k, v in params.items()}, buffers, stack.seeds))
     return ModelStack(stack.spec, {k: v.detach().cpu() for k, v in params.items()}, {k: v.cpu() for k, v in buffers.items()}, stack.seeds)
 
 

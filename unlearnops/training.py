@@ -222,6 +222,7 @@ class GroupedCNN:
         n, batch = x.shape[:2]
         images = x.dim() == 5
         h = x.transpose(0, 1).reshape(batch, -1, *x.shape[3:]).contiguous(memory_format=torch.channels_last) if images else x
+        fresh = False  # h is a new tensor that nothing else holds: ReLU may overwrite it
         for name, layer in self.layers:
             if isinstance(layer, nn.Conv2d):
                 w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
@@ -232,8 +233,11 @@ class GroupedCNN:
             elif isinstance(layer, nn.Linear):
                 w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
                 h = torch.bmm(h, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            elif isinstance(layer, nn.ReLU) and fresh:
+                h = torch.relu_(h)  # conv and matmul backward need their inputs, not their outputs
             else:
                 h = layer(h)
+            fresh = isinstance(layer, (nn.Conv2d, nn.Linear))
         return h.reshape(batch, n, -1, *h.shape[2:]).transpose(0, 1) if images else h
 
     def per_model_forward(self, params, per_model_params, base, buffers):

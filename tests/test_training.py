@@ -166,15 +166,16 @@ def test_predict_grouped_matches_the_modules(data):
         torch.testing.assert_close(logits[i], stack.module(i)(x[:50]), rtol=1e-4, atol=1e-5)
 
 
-def test_batchnorm_models_keep_running_statistics_per_model():
-    """Two ResNet-18s, one SGD step on one full batch: the engine must give what two plain
-    nn.Modules with torch.optim give, BatchNorm running statistics included."""
+@pytest.mark.parametrize("seeds", [[0, 1], [0]])
+def test_batchnorm_models_keep_running_statistics_per_model(seeds):
+    """ResNet-18s (two: vmap; one: the plain module), one SGD step on one full batch: the engine
+    must give what plain nn.Modules with torch.optim give, BatchNorm running statistics included."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
     cfg = FitConfig(epochs=1, batch_size=4, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="constant")
-    start = ModelStack.fresh(RESNET, [0, 1])
+    start = ModelStack.fresh(RESNET, seeds)
     trained = fit(start, {"train": Stream(x, y, batch_size=4)}, cross_entropy_on("train"), cfg, CPU, driver="train")
-    for i in range(2):
+    for i in range(len(seeds)):
         model = start.module(i).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         F.cross_entropy(model(x), y).backward()  # one full batch: the data order cannot matter
@@ -184,7 +185,8 @@ def test_batchnorm_models_keep_running_statistics_per_model():
             torch.testing.assert_close(trained.buffers[name][i], expected[name], rtol=1e-4, atol=1e-6)
         for name in ("conv1.weight", "layer3.0.conv1.weight", "fc.bias"):
             torch.testing.assert_close(trained.params[name][i], expected[name], rtol=1e-4, atol=1e-6)
-    assert not torch.equal(trained.buffers["bn1.running_mean"][0], trained.buffers["bn1.running_mean"][1])
+    if len(seeds) == 2:  # each model its own statistics
+        assert not torch.equal(trained.buffers["bn1.running_mean"][0], trained.buffers["bn1.running_mean"][1])
 
 
 def test_passes_halve_on_out_of_memory_when_auto():
@@ -254,10 +256,15 @@ def test_cuda_resnet_compiled_matches_eager():
         assert not torch.equal(frozen_eager.buffers[name], start.buffers[name])
         torch.testing.assert_close(frozen_compiled.buffers[name], frozen_eager.buffers[name], rtol=0.05, atol=0.01)
     assert (frozen_compiled.buffers["bn1.num_batches_tracked"] == 8).all()
-    eager, compiled = train(0.05, False), train(0.05, True)
-    drift = max((compiled.params[k] - eager.params[k]).abs().max().item() for k in eager.params)
-    moved = max((eager.params[k] - start.params[k]).abs().max().item() for k in eager.params)
-    assert drift < 0.2 * moved  # bf16 rounding differs between the two, the training does not
+    # One step on one full batch (the compiled path): the same update per model, up to bf16
+    # rounding. (Over many steps the two drift apart: bf16 rounding in a chaotic tiny-batch run.)
+    one_batch = {"train": Stream(x[:8], y[:8], batch_size=8)}
+    cfg = FitConfig(epochs=1, batch_size=8, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="constant")
+    eager, compiled = (fit(start, one_batch, cross_entropy_on("train"), cfg, Runtime("cuda", 2, bf16=True, compile=c), driver="train") for c in (False, True))
+    for i in range(2):
+        update_e = torch.cat([(eager.params[k][i] - start.params[k][i]).flatten() for k in start.params])
+        update_c = torch.cat([(compiled.params[k][i] - start.params[k][i]).flatten() for k in start.params])
+        assert (update_c - update_e).norm() < 0.1 * update_e.norm()
     runtime = Runtime("cuda", 2, bf16=True)
     logits = predict(compiled, x, runtime)
     assert logits.shape == (2, 28, 10) and torch.isfinite(logits).all()

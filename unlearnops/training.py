@@ -313,7 +313,7 @@ def _in_passes(n: int, runtime: Runtime, run: Callable[[slice], object]) -> list
 
 class _BatchedStep:
     """The batched loss of one training step, [N] per-model losses, in the fastest form the
-    architecture and device allow (module docstring)."""
+    architecture and device allow (module docstring). A single model skips vmap altogether."""
 
     def __init__(self, spec: dict, loss_fn: LossFn, runtime: Runtime):
         self.base = build_model(spec).to(runtime.device).train()
@@ -321,23 +321,35 @@ class _BatchedStep:
         self.channels_last = runtime.device == "cuda"
         self.stacked_params: dict[str, torch.Tensor] = {}  # the chunk being trained (GroupedCNN reads it)
 
+        def one_model_loss(p, b, batches):
+            return loss_fn(lambda x: functional_call(self.base, (p, b), (x,)), batches)
+
         def per_model_loss(p, b, batches):
             if self.grouped is not None:
                 return loss_fn(self.grouped.per_model_forward(self.stacked_params, p, self.base, b), batches)
-            return loss_fn(lambda x: functional_call(self.base, (p, b), (x,)), batches)
+            return one_model_loss(p, b, batches)
 
-        self.eager = vmap(per_model_loss, in_dims=(0, 0, 0), randomness="different")
+        self.eager = {"one": one_model_loss, "many": vmap(per_model_loss, in_dims=(0, 0, 0), randomness="different")}
         # Compiled code is specialised to batch shapes; the odd last batch of an epoch runs eagerly
         # rather than paying for a second compilation. GroupedCNN (CPU) stays eager: inductor's
         # CPU code was 2x slower than it here, after a 70 s compilation.
-        self.compiled = torch.compile(self.eager) if runtime.compile and self.grouped is None else None
+        compile_many = runtime.compile and self.grouped is None
+        self.compiled = {"one": torch.compile(one_model_loss) if runtime.compile else None, "many": torch.compile(self.eager["many"]) if compile_many else None}
 
     def __call__(self, params, buffers, batches, full_batches: bool) -> torch.Tensor:
-        if self.channels_last:
+        n = next(iter(params.values())).shape[0]
+        kind = "one" if n == 1 else "many"
+        if kind == "one":  # views of the stacked tensors: gradients and BatchNorm updates reach them
+            params, buffers = {k: v[0] for k, v in params.items()}, {k: v[0] for k, v in buffers.items()}
+            batches = {name: (x[0], y[0]) for name, (x, y) in batches.items()}
+            if self.channels_last:
+                batches = {name: (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y) for name, (x, y) in batches.items()}
+        elif self.channels_last:
             batches = {name: (_models_channels_last(x), y) for name, (x, y) in batches.items()}
         self.stacked_params = params
-        batched_loss = self.compiled if self.compiled is not None and full_batches else self.eager
-        return batched_loss(params, buffers, batches)
+        compiled = self.compiled[kind] if full_batches else None
+        losses = (compiled or self.eager[kind])(params, buffers, batches)
+        return losses.reshape(n)
 
 
 def _fit_chunk(stack, streams, step, cfg, runtime, driver, desc, grad_scale, on_epoch_end):

@@ -4,8 +4,8 @@ Default mode (CPU or whatever `runtime` in params.yaml selects): the default sma
 digits train split with params.yaml's train.fit, for N = 1, 8, 64, 256 models. The naive
 baseline is the loop everybody writes first: per model an nn.Module, torch.optim and a shuffled
 pass over in-memory tensors (no DataLoader, so the baseline is as fast as a plain loop gets).
-Both sides are timed over `--epochs` epochs, alternately, `--repeats` times (median); models per
-second extrapolate that to train.fit's full epoch count. A second table trains 8 models with the
+Both sides are timed over `--epochs` epochs (at least 8/N), alternately, `--repeats` times
+(median); models per second extrapolate that to train.fit's full epoch count. A second table trains 8 models with the
 full settings both ways and compares their test accuracy.
 
 --gpu-resnet: ResNet-18 (32x32 stem) on CIFAR-10-sized random data (50,000 x 3x32x32, 256-level
@@ -95,18 +95,20 @@ def cpu_tables(params: dict, args) -> None:
     data, spec = digits_setup(params)
     train, test = data["train"], data["test"]
     full = build_dataclass(FitConfig, params["train"]["fit"], "train.fit")
-    short = FitConfig(**{**full.__dict__, "epochs": args.epochs})
     runtime = Runtime.from_params(params)
     sizes = [1, 8, 64] if args.quick else [1, 8, 64, 256]
     print(f"digits train split: {len(train)} images {tuple(train.x.shape[1:])}, small_cnn width {spec['options']['width']}, "
           f"batch {full.batch_size}, {full.epochs} epochs; device {runtime.device}, torch threads {torch.get_num_threads()}, "
           f"models_per_pass {runtime.models_per_pass}; load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     # Warm-up: first calls pay for kernel selection and lazy initialisation.
-    naive_train(spec, [0], train.x, train.y, short)
-    engine_train(spec, [0, 1], train.x, train.y, short, runtime)
+    warm_up = FitConfig(**{**full.__dict__, "epochs": 1})
+    naive_train(spec, [0], train.x, train.y, warm_up)
+    engine_train(spec, [0, 1], train.x, train.y, warm_up, runtime)
     rows = []
     for n in sizes:
         seeds = list(range(n))
+        # At least 8 model-epochs per measurement, so that small N is not timed in milliseconds.
+        short = FitConfig(**{**full.__dict__, "epochs": max(args.epochs, math.ceil(8 / n))})
         naive_s, engine_s = [], []
         for _ in range(1 if args.quick else args.repeats):  # alternate, so that load changes hit both
             naive_s.append(timed(lambda: naive_train(spec, seeds, train.x, train.y, short)))
@@ -115,7 +117,7 @@ def cpu_tables(params: dict, args) -> None:
         naive_rate, engine_rate = n / (statistics.median(naive_s) * scale), n / (statistics.median(engine_s) * scale)
         rows.append([n, f"{naive_rate:.2f}", f"{engine_rate:.2f}", f"{engine_rate / naive_rate:.1f}x", f"{os.getloadavg()[0]:.1f}"])
         print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
-    print(f"\nmodels trained per second ({full.epochs} epochs each; timed over {short.epochs} epoch(s), "
+    print(f"\nmodels trained per second ({full.epochs} epochs each; timed over max({args.epochs}, 8/N) epochs, "
           f"median of {1 if args.quick else args.repeats})")
     print(tabulate(rows, headers=["N", "naive loop", "engine", "speedup", "load avg"], tablefmt="github"))
     if args.quick:

@@ -239,8 +239,8 @@ def test_cuda_training_learns_like_the_cpu(data):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_resnet_compiled_matches_eager():
     """ResNet-18 (BatchNorm) on CUDA in bf16, compiled (full batches) and eager (the odd last
-    batch): BatchNorm running statistics are updated per model exactly as the eager engine does,
-    the weights train alike, and predict works on the result."""
+    batch): BatchNorm running statistics are updated per model as the eager engine does, one
+    step updates each model's weights alike, and predict works on the result."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(28, 3, 32, 32, generator=gen), torch.randint(0, 10, (28,), generator=gen)
     start = ModelStack.fresh(RESNET, [0, 1])

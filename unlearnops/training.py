@@ -7,7 +7,7 @@ order and augmentation, drawn from generators seeded by the model's seed alone, 
 trains the same whether it runs alone or with 255 others. With N=1 this is an ordinary
 training loop.
 
-Two ways to run the N forwards, chosen automatically (benchmarks/README.md has the numbers):
+How the N forwards run, chosen automatically (benchmarks/README.md has the numbers):
 - CPU, plain CNNs (nn.Sequential of Conv2d/ReLU/pooling/Flatten/Linear): `GroupedCNN` runs the N
   models as the groups of one grouped convolution per layer, channels-last. vmap's own conv rule
   does the same grouping, but moves batch dimensions around between layers (copies, NCHW
@@ -16,6 +16,7 @@ Two ways to run the N forwards, chosen automatically (benchmarks/README.md has t
   is laid out so vmap's grouped convolutions see channels-last tensors, the step runs in bf16
   autocast, and `torch.compile` fuses the batched step (BatchNorm running statistics are
   stacked buffers, updated per model).
+- A single model (N=1, a production run) skips vmap: the plain module, compiled on CUDA.
 
 Methods express their training as a loss over named batches (`retain`, `forget`, ...), so the
 same engine runs finetuning, NegGrad+, random labels, ... for all N models at once.
@@ -30,6 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+# The calls torch.func.vmap itself uses to wrap and unwrap batched tensors (GroupedCNN needs them).
 from torch._C._functorch import _add_batch_dim, _remove_batch_dim, maybe_get_level
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
@@ -410,7 +412,9 @@ def predict(stack: ModelStack, x: torch.Tensor, runtime: Runtime) -> torch.Tenso
     base = build_model(stack.spec).to(device).eval()
     if runtime.device == "cpu" and GroupedCNN.supports(base):
         grouped = GroupedCNN(base)
-        forward = lambda p, b, xb: grouped(p, xb.expand(len(p[next(iter(p))]), *xb.shape))  # noqa: E731
+
+        def forward(p, b, xb):  # every model sees the same xb
+            return grouped(p, xb.expand(len(next(iter(p.values()))), *xb.shape))
     else:
         forward = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, None))
 

@@ -3,7 +3,20 @@
 Parameters of the N models are stacked ([N, ...]) and a per-model loss is mapped over them
 with `torch.func.vmap` + `functional_call`; summing the N losses gives every model its own
 gradient in one backward pass. Each model keeps its own seed: its own initialisation, data
-order and augmentation. With N=1 this is an ordinary training loop.
+order and augmentation, drawn from generators seeded by the model's seed alone, so a model
+trains the same whether it runs alone or with 255 others. With N=1 this is an ordinary
+training loop.
+
+How the N forwards run, chosen automatically (benchmarks/README.md has the numbers):
+- CPU, plain CNNs (nn.Sequential of Conv2d/ReLU/pooling/Flatten/Linear): `GroupedCNN` runs the N
+  models as the groups of one grouped convolution per layer, channels-last. vmap's own conv rule
+  does the same grouping, but moves batch dimensions around between layers (copies, NCHW
+  pooling); doing it once for the whole net is faster.
+- Everything else (ResNets with BatchNorm, any module): vmap + functional_call. On CUDA the batch
+  is laid out so vmap's grouped convolutions see channels-last tensors, the step runs in bf16
+  autocast, and `torch.compile` fuses the batched step (BatchNorm running statistics are
+  stacked buffers, updated per model).
+- A single model (N=1, a production run) skips vmap: the plain module, compiled on CUDA.
 
 Methods express their training as a loss over named batches (`retain`, `forget`, ...), so the
 same engine runs finetuning, NegGrad+, random labels, ... for all N models at once.
@@ -17,6 +30,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+# The calls torch.func.vmap itself uses to wrap and unwrap batched tensors (GroupedCNN needs them).
+from torch._C._functorch import _add_batch_dim, _remove_batch_dim, maybe_get_level
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
@@ -56,12 +72,17 @@ class FitConfig:
 
 @dataclass
 class Runtime:
-    """Where and how the engine runs (params.yaml `runtime`)."""
+    """Where and how the engine runs (params.yaml `runtime`).
+
+    `models_per_pass` is an int everywhere; with `auto_models_per_pass` fit and predict start
+    with all the models of the call in one pass and halve it on CUDA out-of-memory."""
 
     device: str = "cpu"
     models_per_pass: int = 64
     eval_batch_size: int = 512
     bf16: bool = False
+    compile: bool = False
+    auto_models_per_pass: bool = False
 
     @classmethod
     def from_params(cls, params: dict) -> "Runtime":
@@ -73,7 +94,19 @@ class Runtime:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("runtime.device is 'cuda' but no CUDA device is available")
         torch.set_num_threads(max(1, int(cfg["threads"]))) if cfg.get("threads") else None
-        return cls(device, int(cfg["models_per_pass"]), int(cfg["eval_batch_size"]), bool(cfg["bf16"]) and device == "cuda")
+        per_pass = cfg["models_per_pass"]
+        auto = per_pass == "auto"
+        if not auto and (isinstance(per_pass, bool) or not isinstance(per_pass, int) or per_pass < 1):
+            raise ConfigError(f"runtime.models_per_pass must be a positive integer or 'auto', got {per_pass!r}")
+        compile_ = choose(cfg["compile"], ("auto", True, False), "runtime.compile")
+        return cls(
+            device,
+            int(params["n_models"]) if auto else per_pass,
+            int(cfg["eval_batch_size"]),
+            bool(cfg["bf16"]) and device == "cuda",
+            compile=device == "cuda" if compile_ == "auto" else compile_,
+            auto_models_per_pass=auto,
+        )
 
 
 @dataclass
@@ -96,43 +129,52 @@ class Stream:
         return self if self.y.dim() == 1 else replace(self, y=self.y[index])
 
 
-def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random crop (pad 4) and horizontal flip, drawn independently per image: x is [..., C, H, W]."""
+def crop_and_flip(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Random-crop (pad 4, offsets dy, dx in 0..8) and horizontal-flip augmentation.
+
+    x is [..., C, H, W]; flip, dy, dx are [...]: one draw per image."""
     lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
-    flat = x.reshape(-1, c, h, w)
-    n = flat.shape[0]
-    flip = torch.rand(n, generator=gen, device=gen.device) < 0.5
+    flat, flip, dy, dx = x.reshape(-1, c, h, w), flip.reshape(-1), dy.reshape(-1), dx.reshape(-1)
     flat = torch.where(flip[:, None, None, None], flat.flip(-1), flat)
     padded = F.pad(flat, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n,), generator=gen, device=gen.device)
-    dx = torch.randint(0, 9, (n,), generator=gen, device=gen.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    batch = torch.arange(len(flat), device=x.device)[:, None, None, None]
     chan = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, chan, rows, cols].reshape(*lead, c, h, w)
 
 
 class _PerModelSampler:
-    """Draws [N, B] index batches; model i shuffles with its own generator (its own data order)."""
+    """Draws [N, B] index batches; model i shuffles with its own generator (its own data order),
+    and draws its own augmentation (flip, crop offsets) for every position of every epoch."""
 
-    def __init__(self, n_items: int, batch_size: int, seeds: list[int], salt: int, device: str):
+    def __init__(self, n_items: int, batch_size: int, seeds: list[int], salt: int, device: str, augment: bool):
         self.n_items, self.batch_size = n_items, min(batch_size, n_items)
         self.gens = [torch.Generator().manual_seed(seed * 7919 + salt) for seed in seeds]
-        self.device = device
-        self.order = None
+        self.device, self.augment = device, augment
+        self.order = self.aug = None
         self.cursor = n_items  # forces a shuffle on first use
 
     def steps_per_epoch(self) -> int:
         return math.ceil(self.n_items / self.batch_size)
 
-    def next(self) -> torch.Tensor:
+    def next(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """(index [N, B], (flip, dy, dx) each [N, B] or None without augmentation)."""
         if self.cursor >= self.n_items:
-            self.order = torch.stack([torch.randperm(self.n_items, generator=g) for g in self.gens]).to(self.device)
+            orders, augs = [], []
+            for g in self.gens:
+                orders.append(torch.randperm(self.n_items, generator=g))
+                if self.augment:  # flip bit, then two crop offsets in 0..8
+                    augs.append(torch.randint(0, 2 * 9 * 9, (self.n_items,), generator=g))
+            self.order = torch.stack(orders).to(self.device)
+            self.aug = torch.stack(augs).to(self.device) if self.augment else None
             self.cursor = 0
-        index = self.order[:, self.cursor : self.cursor + self.batch_size]
+        window = slice(self.cursor, self.cursor + self.batch_size)
         self.cursor += self.batch_size
-        return index
+        if self.aug is None:
+            return self.order[:, window], None
+        code = self.aug[:, window]
+        return self.order[:, window], (code >= 81, code % 81 // 9, code % 9)
 
 
 def _lr_lambda(cfg: FitConfig, total_steps: int) -> Callable[[int], float]:
@@ -157,6 +199,77 @@ def _optimizer(cfg: FitConfig, tensors: list[torch.Tensor]) -> torch.optim.Optim
     return torch.optim.Adam(tensors, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class GroupedCNN:
+    """N stacked plain CNNs run as one network whose convolutions have N times the groups.
+
+    Activations are [B, N*C, H, W] (channels-last) through the conv part and [N, B, F] after
+    Flatten; Linear layers are batched matmuls. Only layers that act per channel or per model
+    are allowed, so the result is exactly the N separate forwards (up to float rounding)."""
+
+    PER_CHANNEL = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity)
+
+    def __init__(self, module: nn.Sequential):
+        self.layers = list(module.named_children())
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        if not isinstance(module, nn.Sequential) or next(module.buffers(), None) is not None:
+            return False
+        for layer in module.children():
+            if isinstance(layer, nn.Conv2d):
+                if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                    return False
+            elif isinstance(layer, nn.Flatten):
+                if (layer.start_dim, layer.end_dim) != (1, -1):
+                    return False
+            elif not isinstance(layer, (nn.Linear, *cls.PER_CHANNEL)):
+                return False
+        return True
+
+    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """x: [N, B, ...] (model i's batch in row i) -> [N, B, ...] outputs."""
+        n, batch = x.shape[:2]
+        images = x.dim() == 5
+        h = x.transpose(0, 1).reshape(batch, -1, *x.shape[3:]).contiguous(memory_format=torch.channels_last) if images else x
+        fresh = False  # h is a new tensor that nothing else holds: ReLU may overwrite it
+        for name, layer in self.layers:
+            if isinstance(layer, nn.Conv2d):
+                w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+                h = F.conv2d(h, w.flatten(0, 1), None if b is None else b.flatten(), layer.stride, layer.padding, layer.dilation, n * layer.groups)
+            elif isinstance(layer, nn.Flatten):
+                if images:  # [B, N*C, H, W] -> [N, B, C*H*W]
+                    h, images = h.reshape(batch, n, -1).transpose(0, 1), False
+            elif isinstance(layer, nn.Linear):
+                w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+                h = torch.bmm(h, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            elif isinstance(layer, nn.ReLU) and fresh:
+                h = torch.relu_(h)  # conv and matmul backward need their inputs, not their outputs
+            else:
+                h = layer(h)
+            fresh = isinstance(layer, (nn.Conv2d, nn.Linear))
+        return h.reshape(batch, n, -1, *h.shape[2:]).transpose(0, 1) if images else h
+
+    def per_model_forward(self, params, per_model_params, base, buffers):
+        """A forward for use inside vmap: it takes the vmapped x out of vmap, runs all N models
+        grouped on the stacked `params` (autograd flows to them as usual) and hands the result
+        back to vmap. Inputs batched by an inner transform fall back to functional_call."""
+        n = next(iter(params.values())).shape[0]
+        level = maybe_get_level(next(iter(per_model_params.values())))
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if maybe_get_level(x) > level or x.dim() not in (2, 4):  # not [B, F] or [B, C, H, W]
+                return functional_call(base, (per_model_params, buffers), (x,))
+            return _add_batch_dim(self(params, _remove_batch_dim(x, level, n, 0)), 0, level)
+
+        return forward
+
+
+def _models_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """[N, B, C, H, W] -> the same values stored as [B, H, W, N, C], so that the [B, N*C, H, W]
+    view vmap's grouped convolutions take is channels-last (cuDNN's fast layout)."""
+    return x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2) if x.dim() == 5 else x
+
+
 def fit(
     stack: ModelStack,
     streams: dict[str, Stream],
@@ -178,59 +291,115 @@ def fit(
     """
     if cfg.epochs == 0:
         return stack
-    chunks = []
-    for start in range(0, stack.n, runtime.models_per_pass):
-        index = slice(start, start + runtime.models_per_pass)
+    step = _BatchedStep(stack.spec, loss_fn, runtime)  # built once: its compiled code serves every pass
+
+    def run(index: slice) -> ModelStack:
         chunk_scale = {k: v[index] for k, v in grad_scale.items()} if grad_scale else None
+        hook = (lambda epoch, models: on_epoch_end(epoch, index, models)) if on_epoch_end else None
         chunk_streams = {name: s.for_models(index) for name, s in streams.items()}
-        hook = (lambda epoch, models, index=index: on_epoch_end(epoch, index, models)) if on_epoch_end else None
-        chunks.append(_fit_chunk(stack.select(index), chunk_streams, loss_fn, cfg, runtime, driver, desc, chunk_scale, hook))
-    return ModelStack.concat(chunks)
+        return _fit_chunk(stack.select(index), chunk_streams, step, cfg, runtime, driver, desc, chunk_scale, hook)
+
+    return ModelStack.concat(_in_passes(stack.n, runtime, run))
 
 
-def _fit_chunk(stack, streams, loss_fn, cfg, runtime, driver, desc, grad_scale, on_epoch_end):
+def _in_passes(n: int, runtime: Runtime, run: Callable[[slice], object]) -> list:
+    """run(models) for consecutive slices of the n models, `runtime.models_per_pass` at a time;
+    with auto_models_per_pass, all at once first, halving the pass on CUDA out-of-memory."""
+    size = n if runtime.auto_models_per_pass else runtime.models_per_pass
+    results, start = [], 0
+    while start < n:
+        index = slice(start, min(n, start + size))
+        try:
+            results.append(run(index))
+        except torch.cuda.OutOfMemoryError:
+            if not runtime.auto_models_per_pass or size == 1:
+                raise
+            size = max(1, (index.stop - index.start) // 2)
+            torch.cuda.empty_cache()
+            continue
+        start = index.stop
+    return results
+
+
+class _BatchedStep:
+    """The batched loss of one training step, [N] per-model losses, in the fastest form the
+    architecture and device allow (module docstring). A single model skips vmap altogether."""
+
+    def __init__(self, spec: dict, loss_fn: LossFn, runtime: Runtime):
+        self.base = build_model(spec).to(runtime.device).train()
+        self.grouped = GroupedCNN(self.base) if runtime.device == "cpu" and GroupedCNN.supports(self.base) else None
+        self.channels_last = runtime.device == "cuda"
+        self.stacked_params: dict[str, torch.Tensor] = {}  # the chunk being trained (GroupedCNN reads it)
+
+        def one_model_loss(p, b, batches):
+            return loss_fn(lambda x: functional_call(self.base, (p, b), (x,)), batches)
+
+        def per_model_loss(p, b, batches):
+            if self.grouped is not None:
+                return loss_fn(self.grouped.per_model_forward(self.stacked_params, p, self.base, b), batches)
+            return one_model_loss(p, b, batches)
+
+        self.eager = {"one": one_model_loss, "many": vmap(per_model_loss, in_dims=(0, 0, 0), randomness="different")}
+        # Compiled code is specialised to batch shapes; the odd last batch of an epoch runs eagerly
+        # rather than paying for a second compilation. GroupedCNN (CPU) stays eager: inductor's
+        # CPU code was 2x slower than it here, after a 70 s compilation.
+        compile_many = runtime.compile and self.grouped is None
+        self.compiled = {"one": torch.compile(one_model_loss) if runtime.compile else None, "many": torch.compile(self.eager["many"]) if compile_many else None}
+
+    def __call__(self, params, buffers, batches, full_batches: bool) -> torch.Tensor:
+        n = next(iter(params.values())).shape[0]
+        kind = "one" if n == 1 else "many"
+        if kind == "one":  # views of the stacked tensors: gradients and BatchNorm updates reach them
+            params, buffers = {k: v[0] for k, v in params.items()}, {k: v[0] for k, v in buffers.items()}
+            batches = {name: (x[0], y[0]) for name, (x, y) in batches.items()}
+            if self.channels_last:
+                batches = {name: (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y) for name, (x, y) in batches.items()}
+        elif self.channels_last:
+            batches = {name: (_models_channels_last(x), y) for name, (x, y) in batches.items()}
+        self.stacked_params = params
+        compiled = self.compiled[kind] if full_batches else None
+        losses = (compiled or self.eager[kind])(params, buffers, batches)
+        return losses.reshape(n)
+
+
+def _fit_chunk(stack, streams, step, cfg, runtime, driver, desc, grad_scale, on_epoch_end):
     device = runtime.device
-    base = build_model(stack.spec).to(device).train()
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
     params = {k: v.detach().to(device).clone().requires_grad_(True) for k, v in stack.params.items()}
     buffers = {k: v.detach().to(device).clone() for k, v in stack.buffers.items()}
     scale = {k: v.to(device) for k, v in (grad_scale or {}).items()}
     data = {name: (s.x.to(device), s.y.to(device)) for name, s in streams.items()}
     samplers = {
-        name: _PerModelSampler(len(s), s.batch_size, stack.seeds, salt, device) for salt, (name, s) in enumerate(streams.items())
+        name: _PerModelSampler(len(s), s.batch_size, stack.seeds, salt, device, s.augment)
+        for salt, (name, s) in enumerate(streams.items())
     }
-    # One generator for augmentation and in-loss randomness, seeded by this chunk's model seeds.
+    # In-loss randomness (vmap randomness="different") draws from the global generator.
     torch.manual_seed(sum(stack.seeds) * 31 + len(stack.seeds))
-    aug_gen = torch.Generator(device=device).manual_seed(stack.seeds[0] * 104729 + len(stack.seeds))
-
-    def per_model_loss(p, b, batches):
-        return loss_fn(lambda x: functional_call(base, (p, b), (x,)), batches)
-
-    batched_loss = vmap(per_model_loss, in_dims=(0, 0, 0), randomness="different")
     steps = samplers[driver].steps_per_epoch()
     optimizer = _optimizer(cfg, list(params.values()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps * cfg.epochs))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.bf16)
     bar = tqdm(range(cfg.epochs), desc=f"{desc} x{stack.n}", leave=False, mininterval=1.0, disable=None)
     for epoch in bar:
-        total = 0.0
+        total = torch.zeros((), device=device)  # summed on the device: no host sync per step
         for _ in range(steps):
-            batches = {}
+            batches, full = {}, True
             for name, (x, y) in data.items():
-                index = samplers[name].next()
-                xb = x[index]
-                if streams[name].augment:
-                    xb = augment_batch(xb, aug_gen)
+                index, aug = samplers[name].next()
+                xb = x[index] if aug is None else crop_and_flip(x[index], *aug)
                 batches[name] = (xb, y[index] if y.dim() == 1 else torch.gather(y, 1, index))
+                full &= index.shape[1] == samplers[name].batch_size
             with autocast:
-                losses = batched_loss(params, buffers, batches)
+                losses = step(params, buffers, batches, full)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             for k, s in scale.items():
                 params[k].grad.mul_(s)
             optimizer.step()
             scheduler.step()
-            total += float(losses.detach().mean())
-        bar.set_postfix(loss=f"{total / steps:.4f}")
+            total += losses.detach().mean()
+        bar.set_postfix(loss=f"{float(total) / steps:.4f}")
         if on_epoch_end:
             on_epoch_end(epoch + 1, ModelStack(stack.spec, {k: v.detach() for k, v in params.items()}, buffers, stack.seeds))
     return ModelStack(stack.spec, {k: v.detach().cpu() for k, v in params.items()}, {k: v.cpu() for k, v in buffers.items()}, stack.seeds)
@@ -263,23 +432,31 @@ def penultimate_features(stack: ModelStack, x: torch.Tensor, runtime: Runtime, r
 
 
 def _batched_forward(module: torch.nn.Module, stack: ModelStack, x: torch.Tensor, runtime: Runtime, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """module's output for every model of the stack, on shared x or (rows) per-model rows of x."""
     device = runtime.device
     base = module.to(device).eval()
-    x_dim = None if rows is None else 0  # shared x, or one batch of rows per model
-    forward = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, x_dim))
     n_rows = len(x) if rows is None else rows.shape[1]
-    out = []
-    for start in range(0, stack.n, runtime.models_per_pass):
-        models = slice(start, start + runtime.models_per_pass)
-        chunk = stack.select(models).to(device)
+    if device == "cpu" and GroupedCNN.supports(base):
+        grouped = GroupedCNN(base)
+
+        def forward(p, b, xb):  # xb: shared [B, ...] or per-model [N, B, ...]
+            return grouped(p, xb if rows is not None else xb.expand(len(next(iter(p.values()))), *xb.shape))
+    else:
+        forward = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, None if rows is None else 0))
+
+    def run(index: slice) -> torch.Tensor:
+        chunk = stack.select(index).to(device)
         outputs = []
         for i in range(0, n_rows, runtime.eval_batch_size):
             batch = slice(i, i + runtime.eval_batch_size)
-            xb = x[batch] if rows is None else x[rows[models, batch]]
+            xb = (x[batch] if rows is None else x[rows[index, batch]]).to(device)
+            if device == "cuda" and xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.bf16):
-                outputs.append(forward(chunk.params, chunk.buffers, xb.to(device)).float().cpu())
-        out.append(torch.cat(outputs, dim=1))
-    return torch.cat(out)
+                outputs.append(forward(chunk.params, chunk.buffers, xb).float().cpu())
+        return torch.cat(outputs, dim=1)
+
+    return torch.cat(_in_passes(stack.n, runtime, run))
 
 
 def train_from_scratch(spec: dict, seeds: list[int], stream: Stream, cfg: FitConfig, runtime: Runtime, desc: str) -> tuple[ModelStack, float]:

@@ -256,11 +256,12 @@ def test_cuda_resnet_compiled_matches_eager():
         assert not torch.equal(frozen_eager.buffers[name], start.buffers[name])
         torch.testing.assert_close(frozen_compiled.buffers[name], frozen_eager.buffers[name], rtol=0.05, atol=0.01)
     assert (frozen_compiled.buffers["bn1.num_batches_tracked"] == 8).all()
-    # One step on one full batch (the compiled path): the same update per model, up to bf16
-    # rounding. (Over many steps the two drift apart: bf16 rounding in a chaotic tiny-batch run.)
+    # One step on one full batch (the compiled path) gives the same update per model as eager,
+    # up to rounding. Measured on an H100: 27% of the update's norm in bf16, 5.3% in fp32 (cuDNN
+    # convolutions run in TF32); a logic error (wrong model, batch or loss) differs by ~100%.
     one_batch = {"train": Stream(x[:8], y[:8], batch_size=8)}
     cfg = FitConfig(epochs=1, batch_size=8, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="constant")
-    eager, compiled = (fit(start, one_batch, cross_entropy_on("train"), cfg, Runtime("cuda", 2, bf16=True, compile=c), driver="train") for c in (False, True))
+    eager, compiled = (fit(start, one_batch, cross_entropy_on("train"), cfg, Runtime("cuda", 2, bf16=False, compile=c), driver="train") for c in (False, True))
     for i in range(2):
         update_e = torch.cat([(eager.params[k][i] - start.params[k][i]).flatten() for k in start.params])
         update_c = torch.cat([(compiled.params[k][i] - start.params[k][i]).flatten() for k in start.params])

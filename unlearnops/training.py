@@ -328,7 +328,9 @@ class _BatchedStep:
     def __init__(self, spec: dict, loss_fn: LossFn, runtime: Runtime):
         self.base = build_model(spec).to(runtime.device).train()
         self.grouped = GroupedCNN(self.base) if runtime.device == "cpu" and GroupedCNN.supports(self.base) else None
-        self.channels_last = runtime.device == "cuda"
+        # channels-last on CUDA under bf16 (vmapped BatchNorm fails on bf16 NCHW batches); fp32
+        # stays NCHW, where vmap cannot query channels-last contiguity inside BatchNorm.
+        self.channels_last = runtime.device == "cuda" and runtime.bf16
         self.stacked_params: dict[str, torch.Tensor] = {}  # the chunk being trained (GroupedCNN reads it)
 
         def one_model_loss(p, b, batches):

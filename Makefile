@@ -22,6 +22,7 @@ bench: setup        ## speed benchmarks; they print tables
 	$(PY) benchmarks/bench_epsilon.py
 	$(PY) benchmarks/layered_2d.py
 	$(PY) benchmarks/muso_linear.py
+	$(PY) benchmarks/pipeline_stage_times.py
 
 clean:              ## remove pipeline outputs (not the venv)
 	rm -rf data/prepared models/target models/retrain models/unlearned metrics reports mlflow.db mlartifacts

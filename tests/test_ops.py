@@ -48,7 +48,7 @@ def prefect_harness(tmp_path_factory):
 
 def ops_params(repo_params: dict, store) -> dict:
     params = tiny(repo_params)
-    params["train"]["fit"]["epochs"] = 15  # a target that has learned something
+    params["train"]["fit"].update(epochs=15, batch_size=32)  # a target that has learned something
     params["data"]["deleted"] = "data/deleted.csv"
     params["mlflow"].update(tracking_uri=f"sqlite:///{store}/mlflow.db", artifact_root=str(store / "mlartifacts"))
     params["ops"].update(ledger_url="sqlite:///ledger.db", model_name="trained")

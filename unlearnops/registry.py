@@ -110,8 +110,8 @@ def get_version(mlflow_client, name: str, version: int | str):
 def versions(mlflow_client, name: str, **tags: str) -> list:
     """Versions of `name` whose tags have these values, newest first."""
     query = " and ".join([f"name='{name}'"] + [f"tags.`{k}`='{v}'" for k, v in tags.items()])
-    found = mlflow_client.search_model_versions(query)
-    return sorted(found, key=lambda v: int(v.version), reverse=True)
+    numbers = sorted((int(v.version) for v in mlflow_client.search_model_versions(query)), reverse=True)
+    return [get_version(mlflow_client, name, n) for n in numbers]  # search results carry no aliases
 
 
 def load_stack(mlflow_client, name: str, version: int | str) -> ModelStack:

@@ -52,7 +52,7 @@ def cmd_list(mlflow_client, params: dict, include_decided: bool = False) -> int:
         tags = version.tags
         status = tags.get("review_status", "?")
         aliases = f" [{', '.join(version.aliases)}]" if version.aliases else ""
-        console.rule(f"v{version.version}{aliases}: {status}", align="left")
+        console.rule(escape(f"v{version.version}{aliases}: {status}"), align="left")
         facts = Table(show_header=False, box=None)
         for label, value in [
             ("requests", f"{tags.get('request_ids', '').replace(',', ', ')} ({tags.get('n_forget_samples', '?')} samples)"),

@@ -2,6 +2,8 @@
 
     python flows/benchmark.py          from the repository root: run it in-process (Prefect's
                                        ephemeral mode, no server)
+    python flows/benchmark.py deploy   a deployment on the work pool `ops.work_pool` of the
+                                       server at PREFECT_API_URL (run it with `prefect deployment run`)
 
 Each task runs one DVC stage, `dvc repro --single-item <stage>` (e.g. `unlearn@finetune`), so
 dvc.yaml stays the single source of truth for commands, dependencies and caching; the flow
@@ -26,9 +28,9 @@ from contextlib import contextmanager
 from prefect import flow, get_run_logger, task
 from prefect import runtime as prefect_runtime
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from unlearnops import tracking
+from unlearnops.orchestration import deploy
 from unlearnops.config import ConfigError, load_params
 
 
@@ -133,11 +135,14 @@ def benchmark() -> list[dict]:
             _SLOTS.pop(str(prefect_runtime.flow_run.id), None)
 
 
-def run_benchmark() -> list[dict]:
-    """The flow with as many worker threads as there are device slots."""
-    return benchmark.with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(devices(load_params()))))()
+def deploy_to_pool() -> str:
+    pool = load_params()["ops"]["work_pool"]
+    return deploy(benchmark, "flows/benchmark.py:benchmark", "benchmark", pool)
 
 
 if __name__ == "__main__":
-    for row in run_benchmark():
+    if sys.argv[1:] == ["deploy"]:
+        print(f"deployment {deploy_to_pool()}")
+        sys.exit(0)
+    for row in benchmark():
         print(f"{row['stage']:<24} {row['seconds']:8.1f} s" + (f"  GPU {row['gpu']}" if row["gpu"] is not None else ""))

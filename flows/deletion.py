@@ -2,6 +2,8 @@
 
     python flows/deletion.py run     one run now (Prefect's ephemeral mode, no server needed)
     python flows/deletion.py serve   runs on the schedule of params.yaml `ops.schedule` (`make serve`)
+    python flows/deletion.py deploy  the same schedule as a deployment on the work pool
+                                     `ops.work_pool` of the server at PREFECT_API_URL
 
 The work is in unlearnops.deletion; each task here is one of its steps, with plain inputs
 (a params path, request ids, a work folder) so Prefect never serialises a model. Tasks do not
@@ -19,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from unlearnops import deletion
 from unlearnops.config import load_params
-from unlearnops.prefect_local import prefect_api
+from unlearnops.orchestration import deploy, prefect_api
 
 
 @task(cache_policy=NO_CACHE)
@@ -106,15 +108,25 @@ def serve(params_path: str) -> None:
         deletion_requests.serve(name="deletion-requests", parameters={"params_path": params_path}, limit=1, **when)
 
 
+def deploy_to_pool(params_path: str) -> str:
+    """A scheduled deployment on the work pool; one run at a time, like `serve`."""
+    params = load_params(params_path)
+    return deploy(deletion_requests, "flows/deletion.py:deletion_requests", "deletion-requests",
+                  params["ops"]["work_pool"], parameters={"params_path": params_path}, concurrency_limit=1,
+                  **schedule(params))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "serve"])
+    parser.add_argument("command", choices=["run", "serve", "deploy"])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.params)
-        return 0
-    print(deletion_requests(args.params))
+    elif args.command == "deploy":
+        print(f"deployment {deploy_to_pool(args.params)}")
+    else:
+        print(deletion_requests(args.params))
     return 0
 
 

@@ -526,6 +526,28 @@ def test_serve_schedule_comes_from_params(repo_params):
         schedule(params)
 
 
+def test_deploy_puts_both_flows_on_the_work_pool_of_the_server(repo_params, tmp_path, monkeypatch, prefect_harness):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.deletion import deploy_to_pool
+
+    shutil.copytree(REPO / "flows", tmp_path / "flows")  # a checkout: workers run its files
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(repo_params))
+    monkeypatch.chdir(tmp_path)
+    pool = repo_params["ops"]["work_pool"]
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+        deletion = client.read_deployment(deploy_to_pool("params.yaml"))
+        bench = client.read_deployment(benchmark_flow.deploy_to_pool())
+    assert deletion.work_pool_name == pool and deletion.entrypoint == "flows/deletion.py:deletion_requests"
+    assert deletion.parameters == {"params_path": "params.yaml"}
+    assert deletion.schedules[0].schedule.interval.total_seconds() == 60 * repo_params["ops"]["schedule"]["interval_minutes"]
+    assert deletion.global_concurrency_limit.limit == 1
+    assert deletion.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(tmp_path)}}]
+    assert bench.work_pool_name == pool and bench.entrypoint == "flows/benchmark.py:benchmark" and not bench.schedules
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(tuple(map(int, sqlalchemy.__version__.split(".")[:2])) >= (2, 1), strict=True,
                    reason="Prefect 3.8.8's scheduler fails on SQLAlchemy 2.1; `make setup` installs the pinned 2.0")
@@ -609,7 +631,7 @@ def test_benchmark_flow_runs_the_dvc_pipeline_in_parallel(repo_copy, repo_params
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(repo_copy)
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], check=True)
-    rows = benchmark_flow.run_benchmark()
+    rows = benchmark_flow.benchmark()
     assert [r["stage"] for r in rows] == list(benchmark_flow.stage_graph(params))
     for method in params["unlearn"]["methods"]:
         assert (repo_copy / "metrics" / "methods" / f"{method}.json").is_file()

@@ -1,9 +1,12 @@
-"""A Prefect API for serving flows on a schedule: the configured server, or a private local one.
+"""Prefect plumbing shared by the flows: a server to schedule on, and deployments to work pools.
 
 Prefect 3 runs flows without a server (its ephemeral mode), but it does not schedule runs
 there: scheduling is a service of a real server. `prefect_api()` uses PREFECT_API_URL when it
 is set (a shared server) and otherwise starts `prefect server start` on a free local port,
 with its SQLite database under `home`, for as long as the context is open.
+
+`deploy()` registers a flow of this checkout with a work pool (params.yaml `ops.work_pool`) on
+the server of PREFECT_API_URL; a worker of that pool runs it in the same checkout path.
 """
 from __future__ import annotations
 
@@ -62,3 +65,16 @@ def prefect_api(home: str | Path = ".prefect", startup_timeout_s: float = 180.0)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def deploy(flow, entrypoint: str, name: str, work_pool: str, **options) -> str:
+    """Deploy `entrypoint` (path:function, relative to the working directory) of this checkout
+    to `work_pool`; options go to Prefect's `deploy` (parameters, interval/cron, ...).
+    Returns the deployment id."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise RuntimeError("set PREFECT_API_URL to the Prefect server the work pool's workers poll "
+                           "(a deployment on the ephemeral API would vanish with it)")
+    source = flow.from_source(source=str(Path.cwd()), entrypoint=entrypoint)
+    return str(source.deploy(name=name, work_pool_name=work_pool, print_next_steps=False, **options))

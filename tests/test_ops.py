@@ -209,6 +209,7 @@ def test_flow_registers_a_candidate_and_approval_makes_it_champion_and_deletes_t
     assert run_cli(capsys, "request", "submit", "--user-ids", str(user_a))[0] == 0
     assert run_cli(capsys, "request", "submit", "--sample-ids", *map(str, user_samples(user_b)))[0] == 0
     forget = sorted(user_samples(user_a) + user_samples(user_b))
+    user_samples_before = user_samples(user_a)
 
     outcome = deletion_requests("params.yaml")
     assert outcome == {"version": "2", "unlearned": ["req-000001", "req-000002"], "failed": []}
@@ -260,6 +261,9 @@ def test_flow_registers_a_candidate_and_approval_makes_it_champion_and_deletes_t
     assert deletion_requests("params.yaml") == {"version": None, "unlearned": [], "failed": []}
     assert snapshot(ledger) == before and len(registry.versions(client, name)) == n_versions
 
+    # The same user asks again before the review: accepted, to be handled after it.
+    assert run_cli(capsys, "request", "submit", "--user-ids", str(user_a))[0] == 0
+
     # What the reviewer sees.
     code, out = run_cli(capsys, "review", "list")
     assert code == 0
@@ -292,6 +296,10 @@ def test_flow_registers_a_candidate_and_approval_makes_it_champion_and_deletes_t
     samples = pd.read_csv(pipeline.PREPARED / "samples.csv")
     assert not set(samples["sample_id"]) & set(forget) and summary["n_deleted"] == len(forget)
 
+    # The repeated request finds its samples gone; a new one is rejected at once.
+    deletion_requests("params.yaml")
+    assert ledger.get("req-000003").status is Status.failed
+    assert ledger.events("req-000003")[-1].note == f"sample ids already deleted by another request: {user_samples_before}"
     code, out = run_cli(capsys, "request", "submit", "--user-ids", str(user_a))
     assert code == 1 and "already deleted" in out
     code, out = run_cli(capsys, "review", "approve", "2", "--reviewer", "carol")

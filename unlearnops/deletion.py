@@ -141,15 +141,22 @@ def claim(params: dict) -> list[str]:
         return []
     table = pd.read_csv(samples_table())
     train_ids = set(table.loc[table["split"] == "train", "sample_id"].tolist())
+    deleted = read_deleted_ids(params["data"]["deleted"])
     claimed = []
     for request in pending:
         if request.status is Status.received:
             ledger.transition(request.id, Status.processing, actor=ACTOR, note="claimed by a deletion run")
         missing = sorted(set(request.sample_ids) - train_ids)
         if missing:
-            ledger.transition(request.id, Status.failed, actor=ACTOR,
-                              note=f"sample ids not in the train split of {PREPARED}/samples.csv: {missing[:20]}"
-                                   f"{' ...' if len(missing) > 20 else ''} (was the data prepared again differently?)")
+            gone = [s for s in missing if s in deleted]
+            unknown = [s for s in missing if s not in deleted]
+            problems = []
+            if gone:
+                problems.append(f"sample ids already deleted by another request: {gone[:20]}")
+            if unknown:
+                problems.append(f"sample ids not in the train split of {PREPARED}/samples.csv: {unknown[:20]} "
+                                "(was the data prepared again with other settings?)")
+            ledger.transition(request.id, Status.failed, actor=ACTOR, note="; ".join(problems))
         else:
             claimed.append(request.id)
     if not claimed:

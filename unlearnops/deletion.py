@@ -186,7 +186,8 @@ def plan(params: dict, request_ids: list[str]) -> Path:
     champion = registry.get_alias(registry.client(params), name, registry.CHAMPION)
     if champion is None:
         raise ConfigError(f"registered model '{name}' has no '{registry.CHAMPION}' version: run the "
-                          "train_target stage, which registers the target as the first champion")
+                          "train_target stage, which registers the target as the first champion "
+                          "(`dvc repro --force train_target` if DVC would restore it from its cache)")
     method, why = choose_method(params)
     settings = {
         "request_ids": _ledger_order(request_ids),

@@ -20,6 +20,8 @@ test: setup         ## the test suite (GPU tests skip without CUDA)
 bench: setup        ## speed benchmarks; they print tables
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_epsilon.py
+	$(PY) benchmarks/layered_2d.py
+	$(PY) benchmarks/muso_linear.py
 
 clean:              ## remove pipeline outputs (not the venv)
 	rm -rf data/prepared models/target models/retrain models/unlearned metrics reports mlflow.db mlartifacts

@@ -7,8 +7,9 @@
 
 Each task runs one DVC stage, `dvc repro --single-item <stage>` (e.g. `unlearn@finetune`), so
 dvc.yaml stays the single source of truth for commands, dependencies and caching; the flow
-only adds the order and the parallelism: prepare -> {train_target, retrain} -> per method
-unlearn -> evaluate -> report. Stages that are up to date are skipped by DVC itself.
+takes the order from DVC's stage graph and adds the parallelism (prepare -> {train_target,
+retrain} -> per method unlearn -> evaluate, relearn -> report). Stages that are up to date
+are skipped by DVC itself.
 
 GPUs (params.yaml `ops.benchmark.gpus`): every task holds one GPU while it runs, given to its
 `dvc` process through CUDA_VISIBLE_DEVICES, so a host with k GPUs runs k stages at once.
@@ -109,14 +110,16 @@ def run_stage(stage: str, parent_run_id: str | None) -> dict:
     return {"stage": stage, "seconds": seconds, "gpu": gpu}
 
 
-def stage_graph(params: dict) -> dict[str, list[str]]:
-    """Each dvc.yaml stage and the stages it waits for."""
-    graph = {"prepare": [], "train_target": ["prepare"], "retrain": ["prepare"]}
-    for method in params["unlearn"]["methods"]:
-        graph[f"unlearn@{method}"] = ["train_target"]
-        graph[f"evaluate@{method}"] = [f"unlearn@{method}", "retrain"]
-    graph["report"] = [f"evaluate@{m}" for m in params["unlearn"]["methods"]]
-    return graph
+def stage_graph() -> dict[str, list[str]]:
+    """dvc.yaml's stages in dependency order, each with the stages it waits for: DVC's own
+    graph of the working directory, so the flow follows dvc.yaml as it changes."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
+        order = reversed(list(nx.topological_sort(graph)))
+        return {stage.addressing: sorted(dep.addressing for dep in graph.successors(stage)) for stage in order}
 
 
 @flow(name="benchmark")
@@ -127,7 +130,7 @@ def benchmark() -> list[dict]:
     mlflow = tracking.configure(params)
     with mlflow.start_run(run_name="pipeline", tags={"unlearnops.stage": "pipeline", "orchestrator": "prefect"}) as run:
         futures = {}
-        for stage, after in stage_graph(params).items():  # in dependency order
+        for stage, after in stage_graph().items():  # in dependency order
             futures[stage] = run_stage.submit(stage, run.info.run_id, wait_for=[futures[a] for a in after])
         try:
             return [futures[stage].result() for stage in futures]

@@ -1,4 +1,4 @@
-"""DVC stage `evaluate` for one method (argument: the method's registry name); see unlearnops.pipeline.evaluate."""
+"""DVC stage `evaluate` for one method: `stages/evaluate.py <method> [--condense blend]`; see unlearnops.pipeline.evaluate."""
 import sys
 
 from unlearnops.cli import run_stage

@@ -1,4 +1,4 @@
-"""DVC stage `unlearn` for one method (argument: the method's registry name); see unlearnops.pipeline.unlearn."""
+"""DVC stage `unlearn` for one method: `stages/unlearn.py <method> [--condense blend]`; see unlearnops.pipeline.unlearn."""
 import sys
 
 from unlearnops.cli import run_stage

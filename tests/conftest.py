@@ -25,13 +25,22 @@ def tiny(params: dict) -> dict:
     params["data"]["synthetic"].update(n_samples=400, n_classes=4, image_size=8, channels=1)
     params["forget"].update(mode="random", fraction=0.05)
     params["model"]["small_cnn"]["width"] = 4
-    params["runtime"].update(device="cpu", models_per_pass=4)
+    params["runtime"].update(device="cpu", models_per_pass=4, threads=1)  # one thread: tiny ops gain nothing from two, and lose badly on a busy machine
     params["train"]["fit"]["epochs"] = 6
-    for hp in params["methods"].values():
-        for value in hp.values():
-            if isinstance(value, dict) and "epochs" in value:
-                value["epochs"] = min(value["epochs"], 2)
+    _cap_epochs(params["methods"], 2)
     return params
+
+
+def _cap_epochs(node, most: int) -> None:
+    """Cap every `epochs` key nested anywhere in dicts and lists (e.g. methods.layered.stages)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("epochs"), int):
+            node["epochs"] = min(node["epochs"], most)
+        for value in node.values():
+            _cap_epochs(value, most)
+    elif isinstance(node, list):
+        for value in node:
+            _cap_epochs(value, most)
 
 
 @pytest.fixture(scope="session")
@@ -47,22 +56,34 @@ def tiny_params(repo_params, tmp_path) -> dict:
     return params
 
 
-@pytest.fixture(scope="session")
-def tiny_setup(repo_params, tmp_path_factory):
-    """Prepared synthetic data and a trained target model, shared by the method tests.
-
-    Returns (params, data, unlearn_data, target_stack, runtime)."""
-    params = tiny(repo_params)
-    out = tmp_path_factory.mktemp("prepared")
+def make_setup(params: dict, out: Path, target_epochs: int = 15):
+    """Prepare data in `out` and train a target model: (params, data, unlearn_data, target, runtime)."""
     params["data"]["deleted"] = str(out / "deleted.csv")
     data_lib.prepare(params, out)
     data = data_lib.load_prepared(out)
     runtime = Runtime.from_params(params)
     spec = model_spec(params, data.num_classes, data.in_channels, data.image_size)
-    cfg = FitConfig(**{**params["train"]["fit"], "epochs": 15})
+    cfg = FitConfig(**{**params["train"]["fit"], "epochs": target_epochs})
     target, _ = train_from_scratch(spec, [0], Stream(data["train"].x, data["train"].y, 32), cfg, runtime, "target")
     unlearn_data = UnlearnData(data["retain"], data["forget"], data["val"], data.num_classes, augment=False)
     return params, data, unlearn_data, target, runtime
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(repo_params, tmp_path_factory):
+    """Prepared synthetic data (random 5% forget set) and a trained target, shared by method tests.
+
+    Returns (params, data, unlearn_data, target_stack, runtime)."""
+    return make_setup(tiny(repo_params), tmp_path_factory.mktemp("prepared"))
+
+
+@pytest.fixture(scope="session")
+def class_forget_setup(repo_params, tmp_path_factory):
+    """Like tiny_setup, but the forget set is a whole class, so retrained models score ~0 on it
+    and any movement of a method toward retraining is large and easy to see."""
+    params = tiny(repo_params)
+    params["forget"].update(mode="class", **{"class": 1})
+    return make_setup(params, tmp_path_factory.mktemp("prepared_class"))
 
 
 def accuracy(stack, part, runtime) -> torch.Tensor:

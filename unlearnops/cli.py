@@ -13,12 +13,20 @@ USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError)
 
 
 def run_stage(stage: str, argv: list[str]) -> None:
-    """Entry point of stages/<stage>.py: a bad input gives one clear line and exit code 2."""
+    """Entry point of stages/<stage>.py: a bad input gives one clear line and exit code 2.
+
+    argv: the stage's positional arguments, and `--condense NAME` for unlearn and evaluate."""
     from unlearnops import pipeline
 
+    parser = argparse.ArgumentParser(prog=f"stages/{stage}.py")
+    parser.add_argument("names", nargs="*")
+    if stage in ("unlearn", "evaluate"):
+        parser.add_argument("--condense", help="condense the retain set first (e.g. blend)")
+    args = parser.parse_args(argv)
+    options = {"condense": args.condense} if getattr(args, "condense", None) else {}
     try:
         params = load_params(os.environ.get("UNLEARNOPS_PARAMS", "params.yaml"))
-        getattr(pipeline, stage)(params, *argv)
+        getattr(pipeline, stage)(params, *args.names, **options)
     except USER_ERRORS as err:
         print(f"error: {stage}: {err}", file=sys.stderr)
         sys.exit(2)
@@ -40,6 +48,14 @@ def cmd_methods(args) -> int:
     from unlearnops import methods
 
     print("\n".join(methods.available()))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from unlearnops.metrics.epsilon import score_files
+
+    result = score_files(args.unlearned, args.retrained, args.out, labels_path=args.labels, logits=args.logits)
+    print(f"forget quality F = {result['forget_quality']:.4f} over {result['n_examples']} examples, {result['n_models']} models -> {args.out}")
     return 0
 
 
@@ -123,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     repro.set_defaults(func=cmd_repro)
 
     sub.add_parser("methods", help="list the registered unlearning methods").set_defaults(func=cmd_methods)
+
+    score = sub.add_parser("score", help="the NeurIPS 2023 competition's epsilon score of saved arrays")
+    score.add_argument("--unlearned", required=True, help=".npy [N_models, N_examples] logit-scaled confidences (or logits with --logits)")
+    score.add_argument("--retrained", required=True, help=".npy of the same shape, from models retrained without the forget set")
+    score.add_argument("--out", required=True, help="JSON to write: epsilons (one per example), forget_quality, bins")
+    score.add_argument("--logits", action="store_true", help="inputs are [N_models, N_examples, C] logits; needs --labels")
+    score.add_argument("--labels", help=".npy [N_examples] integer labels (with --logits)")
+    score.set_defaults(func=cmd_score)
     _add_request_commands(sub)
     _add_review_commands(sub)
     return parser

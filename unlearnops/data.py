@@ -102,8 +102,7 @@ def load_cifar10_source(cfg: dict) -> Source:
 
 def load_image_folder_source(cfg: dict) -> Source:
     """Images listed in a CSV of path,label,user_id (paths relative to the CSV's folder)."""
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import resize
+    from PIL import Image
 
     csv_path = Path(cfg["root"]) / cfg["csv"]
     if not csv_path.is_file():
@@ -120,9 +119,10 @@ def load_image_folder_source(cfg: dict) -> Source:
         path = csv_path.parent / rel
         if not path.is_file():
             raise ConfigError(f"image_folder: image listed in {csv_path} not found: {path}")
-        image = decode_image(str(path), mode=ImageReadMode.RGB)
-        images.append(resize(image, [size, size], antialias=True))
-    labels = table["label"].to_numpy(dtype=np.int64)
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+        images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+    labels = table["label"].to_numpy(dtype=np.int64, copy=True)
     return Source(
         images=torch.stack(images),
         labels=torch.from_numpy(labels),
@@ -255,7 +255,7 @@ def prepare(params: dict, out_dir: str | Path) -> dict:
         {
             "images": source.images[keep_t].contiguous(),
             "labels": source.labels[keep_t].contiguous(),
-            "sample_ids": torch.from_numpy(table["sample_id"].to_numpy()),
+            "sample_ids": torch.from_numpy(table["sample_id"].to_numpy(copy=True)),
             "num_classes": source.num_classes,
         },
         out_dir / "images.pt",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -32,10 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_validate
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from unlearnops import methods, registry, tracking
 from unlearnops.config import ConfigError, build_dataclass
@@ -43,6 +40,7 @@ from unlearnops.data import Part, load_prepared, read_deleted_ids
 from unlearnops.export import ExportError
 from unlearnops.ledger import Ledger, Status
 from unlearnops.methods import UnlearnData
+from unlearnops.metrics.mia import loss_mia
 from unlearnops.outputs import eval_parts
 from unlearnops.pipeline import METRICS, PREPARED, write_json
 from unlearnops.stack import ModelStack
@@ -113,10 +111,11 @@ def choose_method(params: dict, metrics_dir: Path = METRICS / "methods") -> tupl
     scores = {}
     for path in sorted(Path(metrics_dir).glob("*.json")):
         result = json.loads(path.read_text())
-        score = result.get("final_score")
-        score = score.get("mean") if isinstance(score, dict) else score
-        name = result.get("method", path.stem)
-        if score is not None and name in methods.available() and name in params["methods"]:
+        score = result.get("final_score")  # a number, or {"estimate", "low", "high", ...}
+        score = score.get("estimate") if isinstance(score, dict) else score
+        name = result.get("method", path.stem)  # condensed runs ("finetune+blend") are not candidates
+        if isinstance(score, (int, float)) and math.isfinite(score) and name in methods.available() \
+                and name in params["methods"]:
             scores[name] = float(score)
     if scores:
         best = max(scores, key=scores.get)
@@ -251,37 +250,13 @@ def unlearn(params: dict, work_dir: str | Path) -> Path:
 # ------------------------------------------------------------------ 4. evaluate
 
 
-def _loss_mia(forget_logits, forget_labels, test_logits, test_labels, n_splits: int, seed: int) -> dict:
-    """Loss-threshold membership inference, forget (member) vs test: cross-validated {acc, auc}.
-
-    Logistic regression on the per-sample cross-entropy, classes balanced by subsampling.
-    TODO(lead): the same attack as `unlearnops.metrics.mia.loss_mia` on the metrics branch;
-    call that one once it is merged and delete this copy.
-    """
-    def losses(logits, labels):
-        logits = np.asarray(logits, dtype=np.float64)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        return -log_probs[np.arange(len(labels)), np.asarray(labels)]
-
-    rng = np.random.default_rng(seed)
-    members, non_members = losses(forget_logits, forget_labels), losses(test_logits, test_labels)
-    size = min(len(members), len(non_members))
-    x = np.concatenate([rng.choice(members, size, replace=False), rng.choice(non_members, size, replace=False)])[:, None]
-    y = np.concatenate([np.ones(size, dtype=int), np.zeros(size, dtype=int)])
-    attacker = make_pipeline(StandardScaler(), LogisticRegression())
-    cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    scores = cross_validate(attacker, x, y, cv=cv, scoring=("accuracy", "roc_auc"))
-    return {"acc": float(scores["test_accuracy"].mean()), "auc": float(scores["test_roc_auc"].mean())}
-
-
 def model_metrics(stack: ModelStack, parts: dict, runtime: Runtime, gates: Gates) -> dict:
     """Accuracy on retain, forget and test, and the loss-MIA on forget vs test, of model 0."""
     logits = {s: predict(stack, parts[s].x, runtime)[0].numpy() for s in SPLITS}
     labels = {s: parts[s].y.numpy() for s in SPLITS}
     metrics = {f"{s}_accuracy": float((logits[s].argmax(1) == labels[s]).mean()) for s in SPLITS}
     n_splits = min(gates.mia_splits, len(labels["forget"]), len(labels["test"]))
-    mia = (_loss_mia(logits["forget"], labels["forget"], logits["test"], labels["test"], n_splits, gates.mia_seed)
+    mia = (loss_mia(logits["forget"], labels["forget"], logits["test"], labels["test"], n_splits, gates.mia_seed)
            if n_splits >= 2 else {"acc": None, "auc": None})
     return {**metrics, "mia_auc": mia["auc"], "mia_accuracy": mia["acc"]}
 

@@ -1,6 +1,9 @@
 """Architectures, built from a plain spec dict so a checkpoint can rebuild its model."""
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 from torch import nn
 
@@ -36,7 +39,52 @@ def resnet18(in_channels: int, num_classes: int, image_size: int, small_input_st
     return model
 
 
-ARCHITECTURES = {"small_cnn": small_cnn, "resnet18": resnet18}
+class RandomFeatures(nn.Module):
+    """Random Fourier features of the flattened input and a trained linear head.
+
+    The feature map cos(W x + b) is FIXED (buffers, never trained) and drawn from its own
+    `seed`, so every model built from one spec (target, retrained, unlearned) shares it and
+    only the head differs: the over-parameterised linear setting of MUSO's theorem when
+    `features` exceeds the number of training samples. W ~ N(0, 1 / (lengthscale^2 * input
+    dim)) approximates a Gaussian kernel whose length scale is `lengthscale` * sqrt(input dim).
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, features: int, lengthscale: float, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("projection", torch.randn(features, in_dim, generator=gen) / (lengthscale * math.sqrt(in_dim)))
+        self.register_buffer("phase", torch.rand(features, generator=gen) * 2 * math.pi)
+        self.head = nn.Linear(features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = math.sqrt(2.0 / self.phase.shape[0]) * torch.cos(x.flatten(1) @ self.projection.T + self.phase)
+        return self.head(z)
+
+
+def random_features(in_channels: int, num_classes: int, image_size: int, features: int = 512, lengthscale: float = 1.0, seed: int = 0) -> nn.Module:
+    return RandomFeatures(in_channels * image_size * image_size, num_classes, features, lengthscale, seed)
+
+
+ARCHITECTURES = {"small_cnn": small_cnn, "resnet18": resnet18, "random_features": random_features}
+
+
+def head_name(model: nn.Module) -> str:
+    """Name of the classifier head: the model's last nn.Linear (every architecture here ends in one)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head")
+    return names[-1]
+
+
+def without_head(model: nn.Module) -> tuple[nn.Module, str]:
+    """A copy of `model` whose head is nn.Identity, so its output is the penultimate features
+    (the head's input). Returns (body, head name); the body takes the model's own weights
+    minus the head's through torch.func.functional_call, hence works for stacked models too."""
+    name = head_name(model)
+    body = copy.deepcopy(model)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(body.get_submodule(parent_name) if parent_name else body, attr, nn.Identity())
+    return body, name
 
 
 def model_spec(params: dict, num_classes: int, in_channels: int, image_size: int) -> dict:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from unlearnops import condense as condense_lib
 from unlearnops import data as data_lib
 from unlearnops import evaluation, methods, registry, tracking
-from unlearnops.config import build_dataclass
+from unlearnops.config import build_dataclass, choose
 from unlearnops.nets import model_spec
 from unlearnops.outputs import RunOutputs, eval_parts, run_outputs
 from unlearnops.stack import ModelStack
@@ -25,6 +26,7 @@ TARGET = Path("models/target")
 RETRAIN = Path("models/retrain")
 UNLEARNED = Path("models/unlearned")
 METRICS = Path("metrics")
+EVALUATION = Path("evaluation")
 REPORTS = Path("reports")
 
 
@@ -94,44 +96,100 @@ def retrain(params: dict) -> dict:
     return _train_stage(params, "retrain", RETRAIN, "retain", seeds(int(params["retrain"]["seed"]), int(params["n_models"])))
 
 
-def unlearn(params: dict, method_name: str) -> dict:
-    """Run `method_name` N times from the one target model, one seed per run."""
+def run_name(method_name: str, condense: str | None) -> str:
+    """Folder and metrics name of a run: the method, or `<method>+<condenser>` on a condensed retain set."""
+    if condense is None:
+        return method_name
+    return f"{method_name}+{choose(condense, condense_lib.CONDENSERS, 'condenser')}"
+
+
+def unlearn(params: dict, method_name: str, condense: str | None = None) -> dict:
+    """Run `method_name` N times from the one target model, one seed per run; with `condense`
+    (a condenser of unlearnops.condense) on the condensed retain set, condensing included in the time."""
     runtime = Runtime.from_params(params)
     method = methods.get_method(method_name, params)
+    name = run_name(method_name, condense)
     data = data_lib.load_prepared(PREPARED)
     target = ModelStack.load(TARGET / "models.pt")
-    unlearn_data = methods.UnlearnData(data["retain"], data["forget"], data["val"], data.num_classes, bool(params["train"]["augment"]))
+    retain = data["retain"]
     logged = {"method": method_name, "hparams": params["methods"][method_name], "n_models": params["n_models"]}
-    with tracking.stage_run(params, "unlearn", logged, run_name=f"unlearn-{method_name}") as (mlflow, _):
+    if condense is not None:
+        logged["condense"] = {"name": condense, **params.get("condense", {}).get(condense, {})}
+    with tracking.stage_run(params, "unlearn", logged, run_name=f"unlearn-{name}") as (mlflow, _):
         start = time.perf_counter()
+        if condense is not None:
+            condensed = condense_lib.condense(condense, params, retain, data["forget"], target, runtime)
+            retain = condensed.retain
+            sizes = {"retain_before": len(data["retain"]), "retain_after": len(retain), "kept": condensed.n_kept, "blended": condensed.n_blended}
+        unlearn_data = methods.UnlearnData(retain, data["forget"], data["val"], data.num_classes, bool(params["train"]["augment"]))
         stack = method.unlearn(ModelStack.replicate(target, seeds(int(params["unlearn"]["seed"]), int(params["n_models"]))), unlearn_data, runtime)
         wall = time.perf_counter() - start
-        out_dir = UNLEARNED / method_name
+        out_dir = UNLEARNED / name
         out_dir.mkdir(parents=True, exist_ok=True)
         stack.save(out_dir / "models.pt")
         parts = eval_parts(data, params["evaluate"]["retain_max_samples"], params["evaluate"]["seed"])
         run_outputs(stack, parts, runtime, wall).save(out_dir / "logits.npz")
         mlflow.log_metrics({"seconds_per_model": wall / stack.n, "wall_seconds": wall})
+        if condense is not None:
+            write_json(out_dir / "condense.json", sizes)
+            mlflow.log_metrics({f"condense_{k}": v for k, v in sizes.items()})
         tracking.log_model(mlflow, stack.module(0), _input_example(data))
     return {"seconds_per_model": wall / stack.n}
 
 
-def evaluate(params: dict, method_name: str) -> dict:
+def evaluate(params: dict, method_name: str, condense: str | None = None) -> dict:
     methods.get_method(method_name, params)  # unknown names fail with the allowed list
-    unlearned = RunOutputs.load(UNLEARNED / method_name / "logits.npz")
+    name = run_name(method_name, condense)
+    unlearned = RunOutputs.load(UNLEARNED / name / "logits.npz")
     retrained = RunOutputs.load(RETRAIN / "logits.npz")
-    with tracking.stage_run(params, "evaluate", {"method": method_name, "evaluate": params["evaluate"]}, run_name=f"evaluate-{method_name}") as (mlflow, _):
-        result = {"method": method_name, **evaluation.evaluate_method(unlearned, retrained, params)}
-        write_json(METRICS / "methods" / f"{method_name}.json", result)
+    with tracking.stage_run(params, "evaluate", {"method": name, "evaluate": params["evaluate"]}, run_name=f"evaluate-{name}") as (mlflow, _):
+        metrics, arrays = evaluation.evaluate_method(unlearned, retrained, params)
+        result = {"method": name, **metrics}
+        if condense is not None:  # the retain-set sizes before and after condensing
+            result["condense"] = json.loads((UNLEARNED / name / "condense.json").read_text())
+        EVALUATION.mkdir(exist_ok=True)
+        np.savez(EVALUATION / f"{name}.npz", **arrays)
+        write_json(METRICS / "methods" / f"{name}.json", result)
         mlflow.log_metrics({k: v for k, v in tracking.flatten(result).items() if isinstance(v, (int, float))})
     return result
+
+
+def relearn(params: dict, name: str) -> dict:
+    """The relearning attack on the first relearn.n_models models of `name`: a method, or `retrain`
+    (the reference: run first, every method's result embeds it)."""
+    from unlearnops.metrics import relearn as relearn_lib
+
+    choose(name, ["retrain", *methods.available()], "relearning target")
+    cfg = relearn_lib.config_from(params)
+    runtime = Runtime.from_params(params)
+    retrain_result = None if name == "retrain" else _read_json(METRICS / "relearn" / "retrain.json", "relearn_retrain")
+    stack = ModelStack.load((RETRAIN if name == "retrain" else UNLEARNED / name) / "models.pt")
+    forget = data_lib.load_prepared(PREPARED)["forget"]
+    with tracking.stage_run(params, "relearn", {"target": name, "relearn": params["relearn"]}, run_name=f"relearn-{name}") as (mlflow, _):
+        result = relearn_lib.relearning_attack(stack, forget, cfg, runtime)
+        if retrain_result is not None:
+            result = relearn_lib.with_retrain_reference(result, retrain_result)
+        result = {"name": name, **result}
+        write_json(METRICS / "relearn" / f"{name}.json", result)
+        summary = {k: v for k, v in tracking.flatten(result["subsets"], "relearn.").items() if isinstance(v, (int, float))}
+        mlflow.log_metrics(summary)
+        for key, entry in result["subsets"].items():
+            for epoch, accuracy in enumerate(entry["per_epoch"]):
+                mlflow.log_metric(f"relearn.{key}.accuracy_on_T", accuracy, step=epoch)
+    return result
+
+
+def _read_json(path: Path, stage: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (run the {stage} stage first)")
+    return json.loads(path.read_text())
 
 
 def report(params: dict) -> dict:
     from unlearnops import report as report_lib
 
     with tracking.stage_run(params, "report", {"methods": params["unlearn"]["methods"]}) as (mlflow, _):
-        written = report_lib.build(params, METRICS, REPORTS)
+        written = report_lib.build(params, METRICS, REPORTS, Path("models"))
         for path in written:
             mlflow.log_artifact(str(path))
     return {"files": [str(p) for p in written]}

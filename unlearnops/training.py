@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -21,7 +21,7 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from unlearnops.config import ConfigError, choose
-from unlearnops.nets import build_model
+from unlearnops.nets import build_model, without_head
 from unlearnops.stack import ModelStack
 
 OPTIMIZERS = ("sgd", "adam")
@@ -30,6 +30,8 @@ SCHEDULES = ("constant", "cosine", "linear")
 # A per-model loss: (forward, batches) -> scalar, where forward(x) gives this model's logits
 # and batches maps a stream name to this model's (x, y).
 LossFn = Callable[[Callable[[torch.Tensor], torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]
+# Called after every epoch with (epoch number from 1, which models of the stack, those models).
+EpochHook = Callable[[int, slice, ModelStack], None]
 
 
 @dataclass
@@ -76,7 +78,10 @@ class Runtime:
 
 @dataclass
 class Stream:
-    """A data source the engine draws per-model batches from."""
+    """A data source the engine draws per-model batches from.
+
+    `y` is [n] (labels shared by all models) or [N, n] (row i: model i's own labels, e.g.
+    MUSO's per-run forget labels)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -84,7 +89,11 @@ class Stream:
     augment: bool = False
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(self.x)
+
+    def for_models(self, index: slice) -> "Stream":
+        """The stream as seen by models[index] (only per-model labels need slicing)."""
+        return self if self.y.dim() == 1 else replace(self, y=self.y[index])
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -158,12 +167,14 @@ def fit(
     driver: str,
     desc: str = "train",
     grad_scale: dict[str, torch.Tensor] | None = None,
+    on_epoch_end: EpochHook | None = None,
 ) -> ModelStack:
     """Train every model of `stack` for cfg.epochs passes over the `driver` stream.
 
     Each step draws one batch per stream per model (other streams cycle). `grad_scale`
     multiplies gradients elementwise (masks for SalUn, 1/10 learning rate for kept weights...).
-    Models are trained `runtime.models_per_pass` at a time to bound memory.
+    Models are trained `runtime.models_per_pass` at a time to bound memory. `on_epoch_end`, if
+    given, sees the models after every epoch (e.g. to measure accuracy along the way).
     """
     if cfg.epochs == 0:
         return stack
@@ -171,11 +182,13 @@ def fit(
     for start in range(0, stack.n, runtime.models_per_pass):
         index = slice(start, start + runtime.models_per_pass)
         chunk_scale = {k: v[index] for k, v in grad_scale.items()} if grad_scale else None
-        chunks.append(_fit_chunk(stack.select(index), streams, loss_fn, cfg, runtime, driver, desc, chunk_scale))
+        chunk_streams = {name: s.for_models(index) for name, s in streams.items()}
+        hook = (lambda epoch, models, index=index: on_epoch_end(epoch, index, models)) if on_epoch_end else None
+        chunks.append(_fit_chunk(stack.select(index), chunk_streams, loss_fn, cfg, runtime, driver, desc, chunk_scale, hook))
     return ModelStack.concat(chunks)
 
 
-def _fit_chunk(stack, streams, loss_fn, cfg, runtime, driver, desc, grad_scale):
+def _fit_chunk(stack, streams, loss_fn, cfg, runtime, driver, desc, grad_scale, on_epoch_end):
     device = runtime.device
     base = build_model(stack.spec).to(device).train()
     params = {k: v.detach().to(device).clone().requires_grad_(True) for k, v in stack.params.items()}
@@ -198,7 +211,7 @@ def _fit_chunk(stack, streams, loss_fn, cfg, runtime, driver, desc, grad_scale):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps * cfg.epochs))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.bf16)
     bar = tqdm(range(cfg.epochs), desc=f"{desc} x{stack.n}", leave=False, mininterval=1.0, disable=None)
-    for _ in bar:
+    for epoch in bar:
         total = 0.0
         for _ in range(steps):
             batches = {}
@@ -207,7 +220,7 @@ def _fit_chunk(stack, streams, loss_fn, cfg, runtime, driver, desc, grad_scale):
                 xb = x[index]
                 if streams[name].augment:
                     xb = augment_batch(xb, aug_gen)
-                batches[name] = (xb, y[index])
+                batches[name] = (xb, y[index] if y.dim() == 1 else torch.gather(y, 1, index))
             with autocast:
                 losses = batched_loss(params, buffers, batches)
             optimizer.zero_grad(set_to_none=True)
@@ -218,6 +231,8 @@ def _fit_chunk(stack, streams, loss_fn, cfg, runtime, driver, desc, grad_scale):
             scheduler.step()
             total += float(losses.detach().mean())
         bar.set_postfix(loss=f"{total / steps:.4f}")
+        if on_epoch_end:
+            on_epoch_end(epoch + 1, ModelStack(stack.spec, {k: v.detach() for k, v in params.items()}, buffers, stack.seeds))
     return ModelStack(stack.spec, {k: v.detach().cpu() for k, v in params.items()}, {k: v.cpu() for k, v in buffers.items()}, stack.seeds)
 
 
@@ -232,17 +247,38 @@ def cross_entropy_on(stream: str) -> LossFn:
 @torch.no_grad()
 def predict(stack: ModelStack, x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """Logits of every model on x: [N, len(x), C], float32 on the CPU."""
+    return _batched_forward(build_model(stack.spec), stack, x, runtime)
+
+
+@torch.no_grad()
+def penultimate_features(stack: ModelStack, x: torch.Tensor, runtime: Runtime, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Every model's penultimate features (the input of its last nn.Linear) on x: [N, n, d].
+
+    With `rows` ([N, m] indices into x) model i sees only x[rows[i]] (n = m): per-model
+    subsets without materialising N copies of the images."""
+    body, head = without_head(build_model(stack.spec))
+    in_head = lambda k: k.startswith(head + ".")  # noqa: E731
+    body_stack = ModelStack(stack.spec, {k: v for k, v in stack.params.items() if not in_head(k)}, stack.buffers, stack.seeds)
+    return _batched_forward(body, body_stack, x, runtime, rows)
+
+
+def _batched_forward(module: torch.nn.Module, stack: ModelStack, x: torch.Tensor, runtime: Runtime, rows: torch.Tensor | None = None) -> torch.Tensor:
     device = runtime.device
-    base = build_model(stack.spec).to(device).eval()
-    forward = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, None))
+    base = module.to(device).eval()
+    x_dim = None if rows is None else 0  # shared x, or one batch of rows per model
+    forward = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, x_dim))
+    n_rows = len(x) if rows is None else rows.shape[1]
     out = []
     for start in range(0, stack.n, runtime.models_per_pass):
-        chunk = stack.select(slice(start, start + runtime.models_per_pass)).to(device)
-        rows = []
-        for i in range(0, len(x), runtime.eval_batch_size):
+        models = slice(start, start + runtime.models_per_pass)
+        chunk = stack.select(models).to(device)
+        outputs = []
+        for i in range(0, n_rows, runtime.eval_batch_size):
+            batch = slice(i, i + runtime.eval_batch_size)
+            xb = x[batch] if rows is None else x[rows[models, batch]]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.bf16):
-                rows.append(forward(chunk.params, chunk.buffers, x[i : i + runtime.eval_batch_size].to(device)).float().cpu())
-        out.append(torch.cat(rows, dim=1))
+                outputs.append(forward(chunk.params, chunk.buffers, xb.to(device)).float().cpu())
+        out.append(torch.cat(outputs, dim=1))
     return torch.cat(out)
 
 

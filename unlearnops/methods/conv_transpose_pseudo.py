@@ -1,0 +1,103 @@
+"""Conv kernel transposition with pseudo-labels (NeurIPS 2023 competition, 5th place, 2nd variant).
+
+1. Quickly unlearn: transpose the conv kernels of the original and fine-tune briefly on
+   retain (`quick_fit`).
+2. Find the forget samples whose prediction changed most between the original and that
+   quick model: these are the ones the original had memorised rather than generalised to.
+   `change_score` measures the change: `prob_drop`, how much probability the original's
+   predicted class lost, or `kl`, KL(original || quick) between the predicted distributions.
+3. From the transposed original, fine-tune on retain (cross-entropy) together with those
+   forget samples under pseudo-labels (`pseudo_label`: `quick`, the quick model's
+   prediction, or `original_runner_up`, the original's second most likely class).
+
+Steps 1-2 run once, seeded by run 0 (models.seeds[0]), and every run shares the chosen
+subset (as SalUn's runs share one mask): the training engine draws each run's batches from
+one shared data set, so per-run subsets would need one training pass per run. Step 3 runs
+per model with its own seed, as in every other method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from unlearnops.config import ConfigError, build_dataclass, choose
+from unlearnops.data import Part
+from unlearnops.methods import register
+from unlearnops.methods.base import Unlearner
+from unlearnops.methods.weight_surgery import conv_weight_names, transpose_conv_kernels
+from unlearnops.stack import ModelStack
+from unlearnops.training import FitConfig, Runtime, Stream, cross_entropy_on, fit, predict
+
+CHANGE_SCORES = ("prob_drop", "kl")
+PSEUDO_LABELS = ("quick", "original_runner_up")
+
+
+def change_scores(original_logits: torch.Tensor, quick_logits: torch.Tensor, score: str) -> torch.Tensor:
+    """How much each sample's prediction changed from the original to the quick model: [n]."""
+    log_p, log_q = F.log_softmax(original_logits, -1), F.log_softmax(quick_logits, -1)
+    if choose(score, CHANGE_SCORES, "change score") == "kl":
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    predicted = original_logits.argmax(-1, keepdim=True)
+    return (log_p.exp().gather(-1, predicted) - log_q.exp().gather(-1, predicted)).squeeze(-1)
+
+
+def pseudo_labels(original_logits: torch.Tensor, quick_logits: torch.Tensor, source: str) -> torch.Tensor:
+    if choose(source, PSEUDO_LABELS, "pseudo-label source") == "quick":
+        return quick_logits.argmax(-1)
+    return original_logits.topk(2, dim=-1).indices[..., 1]
+
+
+@register("conv_transpose_pseudo")
+class ConvTransposePseudo(Unlearner):
+    @dataclass
+    class Hparams:
+        quick_fit: dict
+        change_score: str
+        pseudo_fraction: float
+        pseudo_label: str
+        pseudo_weight: float
+        pseudo_batch_size: int
+        fit: dict
+
+        def __post_init__(self):
+            build_dataclass(FitConfig, self.quick_fit, "methods.conv_transpose_pseudo.quick_fit")
+            build_dataclass(FitConfig, self.fit, "methods.conv_transpose_pseudo.fit")
+            choose(self.change_score, CHANGE_SCORES, "methods.conv_transpose_pseudo.change_score")
+            choose(self.pseudo_label, PSEUDO_LABELS, "methods.conv_transpose_pseudo.pseudo_label")
+            if not 0.0 < self.pseudo_fraction <= 1.0:
+                raise ConfigError(f"methods.conv_transpose_pseudo.pseudo_fraction must lie in (0, 1], got {self.pseudo_fraction}")
+
+    def transpose(self, models: ModelStack) -> ModelStack:
+        return transpose_conv_kernels(models, conv_weight_names(models.spec, self.name))
+
+    def quickly_unlearned(self, models: ModelStack, data, runtime: Runtime) -> ModelStack:
+        """Step 1 for run 0 only: the transposed original, briefly fine-tuned on retain (one model)."""
+        cfg = build_dataclass(FitConfig, self.hp.quick_fit, f"methods.{self.name}.quick_fit")
+        stream = Stream(data.retain.x, data.retain.y, cfg.batch_size, data.augment)
+        return fit(self.transpose(models.select([0])), {"retain": stream}, cross_entropy_on("retain"), cfg, runtime, driver="retain", desc=f"{self.name} quick")
+
+    def pseudo_labelled(self, models: ModelStack, quick: ModelStack, forget: Part, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 2: indices of the round(pseudo_fraction * |forget|) forget samples (at least one)
+        whose prediction changed most, and their pseudo-labels."""
+        original_logits = predict(models.select([0]), forget.x, runtime)[0]
+        quick_logits = predict(quick, forget.x, runtime)[0]
+        count = max(1, round(self.hp.pseudo_fraction * len(forget)))
+        chosen = change_scores(original_logits, quick_logits, self.hp.change_score).topk(count).indices
+        return chosen, pseudo_labels(original_logits[chosen], quick_logits[chosen], self.hp.pseudo_label)
+
+    def unlearn(self, models, data, runtime):
+        transposed = self.transpose(models)
+        chosen, labels = self.pseudo_labelled(models, self.quickly_unlearned(models, data, runtime), data.forget, runtime)
+        weight = self.hp.pseudo_weight
+
+        def loss(forward, batches):
+            (xr, yr), (xp, yp) = batches["retain"], batches["pseudo"]
+            return F.cross_entropy(forward(xr), yr) + weight * F.cross_entropy(forward(xp), yp)
+
+        streams = {
+            "retain": self.retain_stream(data),
+            "pseudo": Stream(data.forget.x[chosen], labels, self.hp.pseudo_batch_size, data.augment),
+        }
+        return fit(transposed, streams, loss, self.fit_config(), runtime, driver="retain", desc=self.name)

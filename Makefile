@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench clean serve
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -26,3 +26,6 @@ bench: setup        ## speed benchmarks; they print tables
 
 clean:              ## remove pipeline outputs (not the venv)
 	rm -rf data/prepared models/target models/retrain models/unlearned metrics reports mlflow.db mlartifacts
+
+serve: setup        ## the deletion-request flow on its schedule (params.yaml ops.schedule); Ctrl-C stops it
+	$(PY) flows/deletion.py serve

@@ -33,8 +33,9 @@ def pipeline_run(repo_params, tmp_path_factory):
     from conftest import REPO
 
     root = tmp_path_factory.mktemp("e2e")
-    for name in ("dvc.yaml", "stages", "unlearnops"):
+    for name in ("dvc.yaml", "stages", "unlearnops", "data/deleted.csv"):  # the deletion list is a dependency of prepare
         src = REPO / name
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
     params = tiny(repo_params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -59,6 +59,76 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _ids(values: list[str] | None) -> list[str] | None:
+    """Ids given as `1 2 3`, `1,2,3` or both."""
+    return None if values is None else [part for value in values for part in value.split(",") if part.strip()]
+
+
+def cmd_request(args) -> int:
+    from unlearnops import deletion, ledger_cli
+
+    params = load_params(args.params)
+    ledger = deletion.open_ledger(params)
+    if args.action == "submit":
+        return ledger_cli.cmd_submit(ledger, deletion.samples_table(), _ids(args.user_ids), _ids(args.sample_ids),
+                                     args.file, reason=args.reason, actor=args.actor, deleted=params["data"]["deleted"])
+    if args.action == "list":
+        return ledger_cli.cmd_list(ledger, args.status)
+    if args.action == "show":
+        return ledger_cli.cmd_show(ledger, args.request_id)
+    return ledger_cli.cmd_retry(ledger, args.request_ids, actor=args.actor)
+
+
+def cmd_review(args) -> int:
+    from unlearnops import deletion, registry, review_cli
+
+    params = load_params(args.params)
+    mlflow_client = registry.client(params)
+    if args.action == "list":
+        return review_cli.cmd_list(mlflow_client, params, args.all)
+    ledger = deletion.open_ledger(params)
+    if args.action == "approve":
+        return review_cli.cmd_approve(mlflow_client, ledger, params, args.version, args.reviewer, args.reason)
+    return review_cli.cmd_reject(mlflow_client, ledger, params, args.version, args.reviewer, args.reason,
+                                 args.reject_requests)
+
+
+def _add_request_commands(sub) -> None:
+    request = sub.add_parser("request", help="deletion requests: submit, list, show, retry")
+    actions = request.add_subparsers(dest="action", required=True)
+    submit = actions.add_parser("submit", help="submit a deletion request (ids, or a CSV/JSON file)")
+    submit.add_argument("--user-ids", nargs="+", metavar="ID", help="users whose training samples to delete")
+    submit.add_argument("--sample-ids", nargs="+", metavar="ID", help="training samples to delete")
+    submit.add_argument("--file", help="CSV (user_id and/or sample_id columns) or JSON request file")
+    submit.add_argument("--reason", help="why the requester wants the deletion")
+    submit.add_argument("--actor", help="who submits it (recorded in the audit trail)")
+    listing = actions.add_parser("list", help="list requests")
+    listing.add_argument("--status", help="only requests with this status")
+    actions.add_parser("show", help="one request and its history").add_argument("request_id")
+    retry = actions.add_parser("retry", help="queue failed requests for the next deletion run")
+    retry.add_argument("request_ids", nargs="+", metavar="ID")
+    retry.add_argument("--actor", help="who asks for the retry")
+    request.set_defaults(func=cmd_request)
+
+
+def _add_review_commands(sub) -> None:
+    review = sub.add_parser("review", help="review unlearned candidates in the MLflow registry")
+    actions = review.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="candidates awaiting review, with their evidence")
+    listing.add_argument("--all", action="store_true", help="also approved, rejected and superseded ones")
+    approve = actions.add_parser("approve", help="make a candidate the champion; its requests are deleted")
+    approve.add_argument("version")
+    approve.add_argument("--reviewer", required=True)
+    approve.add_argument("--reason")
+    reject = actions.add_parser("reject", help="turn a candidate down; its requests fail (or are rejected)")
+    reject.add_argument("version")
+    reject.add_argument("--reviewer", required=True)
+    reject.add_argument("--reason", required=True)
+    reject.add_argument("--reject-requests", action="store_true",
+                        help="reject the requests themselves (default: they fail and can be retried)")
+    review.set_defaults(func=cmd_review)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unlearnops", description="Machine unlearning benchmark and operations.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -77,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--logits", action="store_true", help="inputs are [N_models, N_examples, C] logits; needs --labels")
     score.add_argument("--labels", help=".npy [N_examples] integer labels (with --logits)")
     score.set_defaults(func=cmd_score)
+    _add_request_commands(sub)
+    _add_review_commands(sub)
     return parser
 
 

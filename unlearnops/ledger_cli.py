@@ -101,3 +101,20 @@ def cmd_show(ledger: Ledger, request_id: str) -> int:
                         escape(e.actor or ""), escape(e.note or ""))
     console.print(history)
     return 0
+
+
+def cmd_retry(ledger: Ledger, request_ids: Sequence[str], actor: str | None = None) -> int:
+    """Queue failed requests for the next deletion run (failed -> processing)."""
+    console = Console()
+    try:
+        requests = [ledger.get(r) for r in request_ids]
+        not_failed = [f"{r.id} ({r.status})" for r in requests if r.status is not Status.failed]
+        if not_failed:
+            raise LedgerError(f"only failed requests can be retried: {', '.join(not_failed)}")
+        requests = [ledger.transition(r.id, Status.processing, actor=actor,
+                                      note="retry: queued for the next deletion run") for r in requests]
+    except LedgerError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        return 2
+    console.print(_requests_table(requests, "queued for the next deletion run"))
+    return 0

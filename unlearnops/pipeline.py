@@ -14,7 +14,7 @@ import numpy as np
 
 from unlearnops import condense as condense_lib
 from unlearnops import data as data_lib
-from unlearnops import evaluation, methods, tracking
+from unlearnops import evaluation, methods, registry, tracking
 from unlearnops.config import build_dataclass, choose
 from unlearnops.nets import model_spec
 from unlearnops.outputs import RunOutputs, eval_parts, run_outputs
@@ -59,12 +59,12 @@ def prepare(params: dict) -> dict:
     return summary
 
 
-def _train_stage(params: dict, name: str, out_dir: Path, split: str, seed_list: list[int]) -> dict:
+def _train_stage(params: dict, name: str, out_dir: Path, split: str, seed_list: list[int], register: bool = False) -> dict:
     runtime = Runtime.from_params(params)
     data = data_lib.load_prepared(PREPARED)
     spec = model_spec(params, data.num_classes, data.in_channels, data.image_size)
     logged = {"model": params["model"], "train": params["train"], "n_models": len(seed_list)}
-    with tracking.stage_run(params, name, logged) as (mlflow, _):
+    with tracking.stage_run(params, name, logged) as (mlflow, run):
         stream = Stream(data[split].x, data[split].y, params["train"]["fit"]["batch_size"], bool(params["train"]["augment"]))
         stack, wall = train_from_scratch(spec, seed_list, stream, _fit_config(params), runtime, desc=name)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,12 +76,19 @@ def _train_stage(params: dict, name: str, out_dir: Path, split: str, seed_list: 
         write_json(METRICS / f"{name}.json", summary)
         mlflow.log_metrics(tracking.flatten({"accuracy": summary["accuracy"]}) | {"seconds_per_model": wall / stack.n, "wall_seconds": wall})
         tracking.log_model(mlflow, stack.module(0), _input_example(data))
+        if register:
+            accuracy = {f"{s}_accuracy": float(outputs.accuracy(s)[0]) for s in ("val", "test")}
+            files = [PREPARED / "images.pt", PREPARED / "samples.csv", Path(params["data"]["deleted"])]
+            registry.register_first_champion(mlflow, run, params, stack, data["test"].x, accuracy, files)
     return summary
 
 
 def train_target(params: dict) -> dict:
-    """The model in production: trained once on the whole train split (retain + forget)."""
-    return _train_stage(params, "target", TARGET, "train", [int(params["train"]["seed"])])
+    """The model in production: trained once on the whole train split (retain + forget).
+
+    It becomes the first `champion` of the registered model (params ops.model_name) if that
+    has none yet; later champions come from reviewed deletion runs."""
+    return _train_stage(params, "target", TARGET, "train", [int(params["train"]["seed"])], register=True)
 
 
 def retrain(params: dict) -> dict:

@@ -1,0 +1,134 @@
+"""Prefect flow: unlearn the champion for every pending deletion request, register a candidate.
+
+    python flows/deletion.py run     one run now (Prefect's ephemeral mode, no server needed)
+    python flows/deletion.py serve   runs on the schedule of params.yaml `ops.schedule` (`make serve`)
+    python flows/deletion.py deploy  the same schedule as a deployment on the work pool
+                                     `ops.work_pool` of the server at PREFECT_API_URL
+
+The work is in unlearnops.deletion; each task here is one of its steps, with plain inputs
+(a params path, request ids, a work folder) so Prefect never serialises a model. Tasks do not
+cache: resuming after a crash is the library's job (see unlearnops/deletion.py).
+Run from the repository root: paths in params.yaml are relative to it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import timedelta
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from unlearnops import deletion
+from unlearnops.config import load_params
+from unlearnops.orchestration import deploy, prefect_api
+
+
+@task(cache_policy=NO_CACHE)
+def claim_requests(params_path: str) -> list[str]:
+    return deletion.claim(load_params(params_path))
+
+
+@task(cache_policy=NO_CACHE)
+def plan_work(params_path: str, request_ids: list[str]) -> str:
+    return str(deletion.plan(load_params(params_path), request_ids))
+
+
+@task(cache_policy=NO_CACHE)
+def unlearn_candidate(params_path: str, work_dir: str) -> str:
+    return str(deletion.unlearn(load_params(params_path), work_dir))
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_candidate(params_path: str, work_dir: str) -> str:
+    return str(deletion.evaluate(load_params(params_path), work_dir))
+
+
+@task(cache_policy=NO_CACHE)
+def register_candidate(params_path: str, work_dir: str) -> dict:
+    return deletion.register(load_params(params_path), work_dir)
+
+
+@task(cache_policy=NO_CACHE)
+def settle_requests(params_path: str, request_ids: list[str], result: dict) -> dict:
+    return deletion.settle(load_params(params_path), request_ids, result)
+
+
+@task(cache_policy=NO_CACHE)
+def fail_requests(params_path: str, request_ids: list[str], reason: str) -> dict:
+    return deletion.fail(load_params(params_path), request_ids, reason)
+
+
+@flow(name="deletion-requests")
+def deletion_requests(params_path: str = "params.yaml") -> dict:
+    """Pending requests -> one unlearned, gated, registered candidate (or failed requests)."""
+    logger = get_run_logger()
+    request_ids = claim_requests(params_path)
+    if not request_ids:
+        logger.info("no pending deletion requests")
+        return {"version": None, "unlearned": [], "failed": []}
+    logger.info(f"unlearning for {len(request_ids)} requests: {', '.join(request_ids)}")
+    try:
+        work_dir = plan_work(params_path, request_ids)
+        unlearn_candidate(params_path, work_dir)
+        evaluate_candidate(params_path, work_dir)
+        result = register_candidate(params_path, work_dir)
+    except deletion.FAILURES as err:
+        # The requests' outcome: recorded, then the run fails loudly. Any other exception is a
+        # crash: the requests stay `processing` and the next run resumes them.
+        fail_requests(params_path, request_ids, f"{type(err).__name__}: {err}")
+        raise
+    outcome = settle_requests(params_path, request_ids, result)
+    if result["version"] is None:
+        logger.warning(f"gates failed, no version registered: {'; '.join(result['failed_gates'])}")
+    else:
+        logger.info(f"registered candidate v{result['version']}; review it with `unlearnops review list`")
+    return outcome
+
+
+def schedule(params: dict) -> dict:
+    """flow.serve's schedule argument from params.yaml `ops.schedule`."""
+    cfg = params["ops"]["schedule"]
+    if cfg.get("cron"):
+        return {"cron": str(cfg["cron"])}
+    minutes = float(cfg["interval_minutes"])
+    if minutes <= 0:
+        raise ValueError(f"ops.schedule.interval_minutes must be > 0, got {minutes}")
+    return {"interval": timedelta(minutes=minutes)}
+
+
+def serve(params_path: str) -> None:
+    """Serve the flow on its schedule, one run at a time.
+
+    Prefect 3 does not schedule runs on its ephemeral API (the scheduler is a server service),
+    so without PREFECT_API_URL this starts a private local server for as long as it serves.
+    """
+    when = schedule(load_params(params_path))
+    with prefect_api():
+        deletion_requests.serve(name="deletion-requests", parameters={"params_path": params_path}, limit=1, **when)
+
+
+def deploy_to_pool(params_path: str) -> str:
+    """A scheduled deployment on the work pool; one run at a time, like `serve`."""
+    params = load_params(params_path)
+    return deploy(deletion_requests, "flows/deletion.py:deletion_requests", "deletion-requests",
+                  params["ops"]["work_pool"], parameters={"params_path": params_path}, concurrency_limit=1,
+                  **schedule(params))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["run", "serve", "deploy"])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.params)
+    elif args.command == "deploy":
+        print(f"deployment {deploy_to_pool(args.params)}")
+    else:
+        print(deletion_requests(args.params))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

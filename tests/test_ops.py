@@ -1,0 +1,657 @@
+"""Operations end to end: deletion requests -> Prefect flow -> MLflow candidate -> review.
+
+The real prepare and train_target stages run once (session fixture `trained`, tiny synthetic
+data); each test copies their outputs into its own folder, registers the target as the
+champion of its own registered model in a shared MLflow store, and runs the real flow under
+Prefect's test harness.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy
+import torch
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+
+from flows import benchmark as benchmark_flow
+from flows.deletion import deletion_requests, schedule
+from conftest import REPO, tiny
+from unlearnops import cli, deletion, pipeline, registry, tracking
+from unlearnops.data import load_prepared
+from unlearnops.ledger import Status
+from unlearnops.stack import ModelStack
+
+LOOSE_GATES = {"max_forget_accuracy_gap": 1.0, "max_mia_auc_gap": 1.0, "max_test_accuracy_drop": 1.0,
+               "max_retain_accuracy_drop": 1.0, "mia_splits": 3, "retrain_reference": False}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    updates = {PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home")), PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    with temporary_settings(updates=updates):
+        # The temporary server can take a minute to start on a busy machine.
+        with prefect_test_harness(server_startup_timeout=300):
+            yield
+
+
+def ops_params(repo_params: dict, store) -> dict:
+    params = tiny(repo_params)
+    params["train"]["fit"].update(epochs=15, batch_size=32)  # a target that has learned something
+    params["data"]["deleted"] = "data/deleted.csv"
+    params["mlflow"].update(tracking_uri=f"sqlite:///{store}/mlflow.db", artifact_root=str(store / "mlartifacts"))
+    params["ops"].update(ledger_url="sqlite:///ledger.db", model_name="trained")
+    params["ops"]["gates"].update(LOOSE_GATES)
+    return params
+
+
+@pytest.fixture(scope="session")
+def trained(repo_params, tmp_path_factory):
+    """The real prepare and train_target stages, once: (their folder, params)."""
+    root = tmp_path_factory.mktemp("trained")
+    params = ops_params(repo_params, tmp_path_factory.mktemp("mlflow-store"))
+    with contextlib.chdir(root):
+        pipeline.prepare(params)
+        pipeline.train_target(params)
+    return root, params
+
+
+def write_params(params: dict) -> None:
+    with open("params.yaml", "w") as f:
+        yaml.safe_dump(params, f)
+
+
+@pytest.fixture()
+def ops(trained, tmp_path, monkeypatch, request):
+    """A folder with prepared data and a target that is the champion of this test's model."""
+    root, base = trained
+    params = copy.deepcopy(base)
+    params["ops"]["model_name"] = re.sub(r"\W", "-", request.node.name)
+    shutil.copytree(root / "data", tmp_path / "data")
+    shutil.copytree(root / "models" / "target", tmp_path / "models" / "target")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(deletion.LEDGER_ENV, raising=False)
+    monkeypatch.setenv("COLUMNS", "250")  # rich would otherwise wrap table cells at 80
+    write_params(params)
+    mlflow_ = tracking.configure(params)
+    with mlflow_.start_run(run_name="target") as run:
+        registry.register_first_champion(mlflow_, run, params, ModelStack.load(pipeline.TARGET / "models.pt"),
+                                         load_prepared(pipeline.PREPARED)["test"].x, {}, deletion.data_files(params))
+    return params
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = cli.main(["--params", "params.yaml", *args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def train_users(n: int) -> list[int]:
+    """n users with at least two training samples."""
+    table = pd.read_csv(pipeline.PREPARED / "samples.csv")
+    counts = table[table["split"] == "train"].groupby("user_id").size()
+    return [int(u) for u in counts[counts >= 2].index[:n]]
+
+
+def user_samples(user: int) -> list[int]:
+    table = pd.read_csv(pipeline.PREPARED / "samples.csv")
+    return sorted(table[(table["user_id"] == user) & (table["split"] == "train")]["sample_id"].tolist())
+
+
+def numbers(versions) -> list[str]:
+    return [str(v.version) for v in versions]
+
+
+def history(ledger, request_id: str) -> list[tuple]:
+    return [(e.from_status, e.to_status) for e in ledger.events(request_id)]
+
+
+def snapshot(ledger) -> list[tuple]:
+    return [(r.id, r.status, r.model_version, r.updated_at, len(ledger.events(r.id))) for r in ledger.list()]
+
+
+# ------------------------------------------------------------------ first champion, CLI
+
+
+def test_train_target_registers_the_target_as_first_champion_once(trained):
+    root, params = trained
+    client = registry.client(params)
+    champion = registry.get_alias(client, "trained", registry.CHAMPION)
+    assert champion is not None and champion.version == 1
+    tags = champion.tags
+    assert tags["unlearnops.role"] == "target"
+    assert tags["data_hash"] == registry.data_hash([root / p for p in deletion.data_files(params)])
+    assert tags["code_version"] == registry.code_version() != "unknown"
+    assert float(tags["onnx.max_abs_logit_diff"]) <= params["ops"]["onnx"]["max_abs_logit_diff"]
+    assert 0 < float(tags["metric.target.test_accuracy"]) <= 1
+    target = ModelStack.load(root / "models" / "target" / "models.pt")
+    registered = registry.load_stack(client, "trained", "1")
+    assert all(torch.equal(registered.params[k], target.params[k]) for k in target.params)
+    with contextlib.chdir(root), mlflow.start_run(run_name="again") as run:  # a champion exists: no-op
+        assert registry.register_first_champion(mlflow, run, params, target, torch.zeros(2, 1, 8, 8), {}, []) is None
+    assert numbers(registry.versions(client, "trained")) == ["1"]
+
+
+def test_request_cli_submits_lists_shows_and_rejects_bad_requests(ops, capsys, tmp_path, monkeypatch):
+    good, other = train_users(2)
+    code, out = run_cli(capsys, "request", "submit", "--user-ids", str(good), "--reason", "GDPR art. 17", "--actor", "alice")
+    assert code == 0 and "req-000001" in out and "received" in out
+    ledger = deletion.open_ledger(ops)
+    assert ledger.get("req-000001").sample_ids == user_samples(good)
+
+    # Unknown ids and empty requests are stored as rejected, with the reason printed; exit 1.
+    code, out = run_cli(capsys, "request", "submit", "--user-ids", "99999,98")
+    assert code == 1 and "req-000002 rejected: unknown user ids: [98, 99999]" in out
+    code, out = run_cli(capsys, "request", "submit", "--reason", "nothing")
+    assert code == 1 and "req-000003 rejected: empty request" in out
+    # Samples already in the deletion list cannot be deleted twice.
+    gone = user_samples(other)[0]
+    pd.DataFrame({"sample_id": [gone], "user_id": [other], "request_id": ["req-old"], "approved_at": ["2025-01-01"]}
+                 ).to_csv("data/deleted.csv", index=False)
+    code, out = run_cli(capsys, "request", "submit", "--sample-ids", str(gone))
+    assert code == 1 and f"already deleted sample ids: [{gone}]" in out
+    before = snapshot(ledger)
+
+    # A malformed file stores nothing (exit 2); a good JSON file makes one request per object.
+    bad = tmp_path / "requests.json"
+    bad.write_text('[{"user_ids": [1]}, {"user_ids": "x"}]')
+    code, out = run_cli(capsys, "request", "submit", "--file", str(bad))
+    assert code == 2 and f"malformed request file {bad}: request 1: user_ids must be a list" in out
+    assert snapshot(ledger) == before
+    code, out = run_cli(capsys, "request", "submit", "--file", str(bad), "--user-ids", "1")
+    assert code == 2 and "either a request file or ids" in out
+    assert snapshot(ledger) == before
+
+    code, out = run_cli(capsys, "request", "list", "--status", "rejected")
+    assert code == 0 and "req-000002" in out and "req-000001" not in out
+    code, out = run_cli(capsys, "request", "show", "req-000001")
+    assert code == 0 and "GDPR art. 17" in out and "alice" in out
+    code, out = run_cli(capsys, "request", "show", "req-000999")
+    assert code == 2 and "no deletion request 'req-000999'" in out
+
+    # UNLEARNOPS_LEDGER_URL overrides params.yaml.
+    monkeypatch.setenv(deletion.LEDGER_ENV, f"sqlite:///{tmp_path}/other.db")
+    code, out = run_cli(capsys, "request", "list")
+    assert code == 0 and "req-000001" not in out
+
+
+def test_request_cli_without_prepared_data_says_what_to_run(ops, capsys):
+    shutil.rmtree(pipeline.PREPARED)
+    code, out = run_cli(capsys, "request", "submit", "--user-ids", "1")
+    assert code == 2 and "samples table not found: data/prepared/samples.csv (run the prepare stage" in out
+
+
+# ------------------------------------------------------------------ the flow and the review
+
+
+def test_flow_registers_a_candidate_and_approval_makes_it_champion_and_deletes_the_data(
+        ops, prefect_harness, capsys, monkeypatch):
+    ops["ops"]["gates"]["retrain_reference"] = True
+    write_params(ops)
+    name = ops["ops"]["model_name"]
+    user_a, user_b = train_users(2)
+    assert run_cli(capsys, "request", "submit", "--user-ids", str(user_a))[0] == 0
+    assert run_cli(capsys, "request", "submit", "--sample-ids", *map(str, user_samples(user_b)))[0] == 0
+    forget = sorted(user_samples(user_a) + user_samples(user_b))
+    user_samples_before = user_samples(user_a)
+
+    outcome = deletion_requests("params.yaml")
+    assert outcome == {"version": "2", "unlearned": ["req-000001", "req-000002"], "failed": []}
+
+    client = registry.client(ops)
+    version = registry.get_version(client, name, 2)
+    tags = version.tags
+    assert version.aliases == [registry.CANDIDATE]
+    assert registry.get_alias(client, name, registry.CHAMPION).version == 1
+    assert tags["request_ids"] == "req-000001,req-000002" and tags["n_forget_samples"] == str(len(forget))
+    assert tags["method"] == "finetune" and "ops.fallback_method" in tags["method_reason"]
+    assert tags["base_version"] == "1" and tags["review_status"] == "pending" and tags["gates"] == "passed"
+    assert tags["data_hash"] == registry.data_hash(deletion.data_files(ops))
+    assert tags["code_version"] == registry.code_version()
+    assert {k for k in tags if k.startswith("gate.")} == {"gate.forget_accuracy", "gate.mia", "gate.test_accuracy",
+                                                          "gate.retain_accuracy"}
+    assert all(tags[k].startswith("pass") for k in tags if k.startswith("gate."))
+    for model in ("candidate", "champion", "retrain"):
+        for metric in ("forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc"):
+            assert 0 <= float(tags[f"metric.{model}.{metric}"]) <= 1
+    # The champion is evaluated on the same forget set: its metrics match a fresh computation.
+    test = load_prepared(pipeline.PREPARED)["test"]
+    champion_stack = registry.load_stack(client, name, 1)
+    champion_test_acc = (champion_stack.module(0)(test.x).argmax(1) == test.y).float().mean().item()
+    assert float(tags["metric.champion.test_accuracy"]) == pytest.approx(champion_test_acc, abs=1e-4)
+
+    # The registered weights are the unlearned model; its ONNX file computes the same logits.
+    candidate_stack = registry.load_stack(client, name, 2)
+    assert any(not torch.equal(candidate_stack.params[k], champion_stack.params[k]) for k in champion_stack.params)
+    assert float(tags["onnx.max_abs_logit_diff"]) <= ops["ops"]["onnx"]["max_abs_logit_diff"]
+    import onnxruntime as ort
+
+    model_dir = mlflow.artifacts.download_artifacts(f"models:/{name}/2")  # ONNX weights may be external files
+    session = ort.InferenceSession(f"{model_dir}/model.onnx", providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = candidate_stack.module(0)(test.x).numpy()
+    assert np.abs(session.run(None, {"images": test.x.numpy()})[0] - expected).max() < 1e-3
+
+    ledger = deletion.open_ledger(ops)
+    for request_id in ("req-000001", "req-000002"):
+        request = ledger.get(request_id)
+        assert request.status is Status.unlearned and request.model_version == "2"
+        assert request.extra["mlflow_run_id"] == version.run_id
+        assert history(ledger, request_id) == [(None, "received"), ("received", "processing"),
+                                               ("processing", "unlearned")]
+
+    # Idempotent: a second run finds nothing pending and changes nothing.
+    before, n_versions = snapshot(ledger), len(registry.versions(client, name))
+    assert deletion_requests("params.yaml") == {"version": None, "unlearned": [], "failed": []}
+    assert snapshot(ledger) == before and len(registry.versions(client, name)) == n_versions
+
+    # The same user asks again before the review: accepted, to be handled after it.
+    assert run_cli(capsys, "request", "submit", "--user-ids", str(user_a))[0] == 0
+
+    # What the reviewer sees.
+    code, out = run_cli(capsys, "review", "list")
+    assert code == 0
+    for text in ("champion: v1 (target)", "v2 [candidate]: pending", "req-000001, req-000002", "finetune",
+                 "gate forget_accuracy", "pass: |forget accuracy", "retrained", "MLflow run", "http://127.0.0.1:5000/#/experiments/",
+                 "review/report.md", f"models:/{name}/2"):
+        assert text in out, text
+    report = mlflow.artifacts.load_text(f"runs:/{version.run_id}/review/report.md")
+    assert "req-000001, req-000002" in report and "| forget_accuracy |" in report
+
+    # Approval: the alias moves, the decision is recorded, the samples join the deletion list.
+    code, out = run_cli(capsys, "review", "approve", "2", "--reviewer", "carol", "--reason", "evidence is fine")
+    assert code == 0 and "v2 is now the champion" in out
+    version = registry.get_version(client, name, 2)
+    assert registry.get_alias(client, name, registry.CHAMPION).version == 2
+    assert registry.get_alias(client, name, registry.CANDIDATE) is None
+    assert version.tags["review_status"] == "approved" and version.tags["reviewed_by"] == "carol"
+    assert version.tags["review_reason"] == "evidence is fine" and version.tags["reviewed_at"]
+    for request_id in ("req-000001", "req-000002"):
+        assert ledger.get(request_id).status is Status.approved
+        assert ledger.events(request_id)[-1].actor == "carol"
+    deleted = pd.read_csv(ops["data"]["deleted"])
+    assert sorted(deleted["sample_id"]) == forget
+
+    # A later deletion run already leaves them out of the retain set, before `prepare` reruns...
+    _, parts = deletion._parts(ops, user_samples(train_users(3)[2]))
+    assert not set(parts["retain"].ids.tolist()) & set(forget)
+    # ...and `prepare` drops them from the data every later stage sees.
+    summary = pipeline.prepare(ops)
+    samples = pd.read_csv(pipeline.PREPARED / "samples.csv")
+    assert not set(samples["sample_id"]) & set(forget) and summary["n_deleted"] == len(forget)
+
+    # The repeated request finds its samples gone; a new one is rejected at once.
+    deletion_requests("params.yaml")
+    assert ledger.get("req-000003").status is Status.failed
+    assert ledger.events("req-000003")[-1].note == f"sample ids already deleted by another request: {user_samples_before}"
+    code, out = run_cli(capsys, "request", "submit", "--user-ids", str(user_a))
+    assert code == 1 and "already deleted" in out
+    code, out = run_cli(capsys, "review", "approve", "2", "--reviewer", "carol")
+    assert code == 2 and "not awaiting review (review_status: approved)" in out
+
+
+def test_a_crash_mid_flow_is_resumed_by_the_next_run_without_doing_anything_twice(ops, prefect_harness, monkeypatch):
+    name = ops["ops"]["model_name"]
+    ledger = deletion.open_ledger(ops)
+    user_a, user_b = train_users(2)
+    first = ledger.submit(user_ids=[user_a], samples=deletion.samples_table()).id
+
+    unlearn_calls = []
+    real_get_method = deletion.methods.get_method
+
+    def counting_get_method(method_name, params):
+        method = real_get_method(method_name, params)
+        real_unlearn = method.unlearn
+        method.unlearn = lambda *a, **k: unlearn_calls.append(method_name) or real_unlearn(*a, **k)
+        return method
+
+    monkeypatch.setattr(deletion.methods, "get_method", counting_get_method)
+
+    def crash_once(step):
+        real, crashed = getattr(deletion, step), []
+
+        def step_that_crashes_once(*args, **kwargs):
+            if not crashed:
+                crashed.append(step)
+                raise RuntimeError(f"injected crash in {step}")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(deletion, step, step_that_crashes_once)
+
+    # A crash during evaluation: the request stays `processing`, nothing is registered.
+    crash_once("evaluate")
+    with pytest.raises(RuntimeError, match="injected crash in evaluate"):
+        deletion_requests("params.yaml")
+    assert ledger.get(first).status is Status.processing
+    client = registry.client(ops)
+    assert numbers(registry.versions(client, name)) == ["1"]
+    outcome = deletion_requests("params.yaml")
+    assert outcome["version"] == "2" and outcome["unlearned"] == [first]
+    assert unlearn_calls == ["finetune"]  # the candidate unlearned before the crash was reused
+    assert history(ledger, first) == [(None, "received"), ("received", "processing"), ("processing", "unlearned")]
+
+    # A crash after registration, before the ledger heard of it: the rerun finds the version.
+    second = ledger.submit(user_ids=[user_b], samples=deletion.samples_table()).id
+    crash_once("settle")
+    with pytest.raises(RuntimeError, match="injected crash in settle"):
+        deletion_requests("params.yaml")
+    assert numbers(registry.versions(client, name)) == ["3", "2", "1"]
+    assert {ledger.get(r).status for r in (first, second)} == {Status.processing}
+    outcome = deletion_requests("params.yaml")
+    assert outcome["version"] == "3" and outcome["unlearned"] == [first, second]
+    assert numbers(registry.versions(client, name)) == ["3", "2", "1"]
+    assert unlearn_calls == ["finetune", "finetune"]
+    assert registry.get_alias(client, name, registry.CANDIDATE).version == 3
+    assert registry.get_version(client, name, 2).tags["review_status"] == "superseded"
+    assert history(ledger, second) == [(None, "received"), ("received", "processing"), ("processing", "unlearned")]
+    assert ledger.get(first).model_version == "3"
+
+
+def test_failed_gates_register_nothing_and_fail_the_requests_until_retried(ops, prefect_harness, capsys):
+    name = ops["ops"]["model_name"]
+    ops["ops"]["gates"]["max_test_accuracy_drop"] = -1.0  # no model can pass
+    write_params(ops)
+    ledger = deletion.open_ledger(ops)
+    request_id = ledger.submit(user_ids=train_users(1), samples=deletion.samples_table()).id
+
+    outcome = deletion_requests("params.yaml")
+    assert outcome["version"] is None and outcome["failed"] == [request_id]
+    client = registry.client(ops)
+    assert numbers(registry.versions(client, name)) == ["1"]
+    request = ledger.get(request_id)
+    assert request.status is Status.failed
+    note = ledger.events(request_id)[-1].note
+    assert note.startswith("gates failed: test_accuracy: champion") and "> -1" in note
+    runs = mlflow.search_runs(filter_string="tags.gates = 'failed'", output_format="list",
+                              experiment_names=[ops["mlflow"]["experiment"]])
+    assert any(run.data.params["n_requests"] == "1" for run in runs)  # the evidence is kept
+    assert "no candidates awaiting review" in run_cli(capsys, "review", "list")[1]
+
+    # The operator fixes the params and queues the request again.
+    code, out = run_cli(capsys, "request", "retry", request_id, "--actor", "dave")
+    assert code == 0 and ledger.get(request_id).status is Status.processing
+    code, out = run_cli(capsys, "request", "retry", request_id)
+    assert code == 2 and "only failed requests can be retried" in out
+    ops["ops"]["gates"]["max_test_accuracy_drop"] = 1.0
+    write_params(ops)
+    outcome = deletion_requests("params.yaml")
+    assert outcome["version"] == "2" and ledger.get(request_id).status is Status.unlearned
+
+
+def test_new_requests_supersede_the_pending_candidate_and_rejection_is_recorded(ops, prefect_harness, capsys):
+    name = ops["ops"]["model_name"]
+    client = registry.client(ops)
+    ledger = deletion.open_ledger(ops)
+    user_a, user_b = train_users(2)
+    first = ledger.submit(user_ids=[user_a], samples=deletion.samples_table()).id
+    assert deletion_requests("params.yaml")["version"] == "2"
+    second = ledger.submit(user_ids=[user_b], samples=deletion.samples_table()).id
+    outcome = deletion_requests("params.yaml")
+    assert outcome["version"] == "3" and outcome["unlearned"] == [first, second]
+
+    v2, v3 = registry.get_version(client, name, 2), registry.get_version(client, name, 3)
+    assert v3.tags["request_ids"] == f"{first},{second}" and v3.aliases == [registry.CANDIDATE]
+    assert v2.tags["review_status"] == "superseded" and v2.tags["superseded_by"] == "3"
+    assert ledger.get(first).model_version == "3"
+    assert numbers(registry.candidates(client, name)) == ["3"]
+    assert numbers(registry.candidates(client, name, include_decided=True)) == ["3", "2"]
+
+    # Refused approvals change nothing.
+    for version, message in [("2", "not awaiting review (review_status: superseded)"),
+                             ("1", "v1 of '" + name + "' is not an unlearned candidate (role: target)"),
+                             ("9", "has no version '9'")]:
+        code, out = run_cli(capsys, "review", "approve", version, "--reviewer", "eve")
+        assert code == 2 and message in out, out
+    client.set_model_version_tag(name, "3", "gates", "failed")
+    code, out = run_cli(capsys, "review", "approve", "3", "--reviewer", "eve")
+    assert code == 2 and "its gates did not pass" in out
+    client.set_model_version_tag(name, "3", "gates", "passed")
+    assert registry.get_alias(client, name, registry.CHAMPION).version == 1
+    assert {ledger.get(r).status for r in (first, second)} == {Status.unlearned}
+
+    # Rejection: the reason is recorded; the requests fail and can be retried.
+    code, out = run_cli(capsys, "review", "reject", "3", "--reviewer", "bob", "--reason", "retain accuracy too low")
+    assert code == 0 and "v3 rejected" in out
+    v3 = registry.get_version(client, name, 3)
+    assert v3.tags["review_status"] == "rejected" and v3.tags["reviewed_by"] == "bob"
+    assert v3.tags["review_reason"] == "retain accuracy too low" and v3.aliases == []
+    assert registry.get_alias(client, name, registry.CHAMPION).version == 1
+    for request_id in (first, second):
+        assert ledger.get(request_id).status is Status.failed
+        assert "candidate v3 rejected by bob: retain accuracy too low" in ledger.events(request_id)[-1].note
+
+    # Retrying without changing anything would rebuild the rejected model: refused loudly.
+    assert run_cli(capsys, "request", "retry", first, second)[0] == 0
+    with pytest.raises(deletion.DeletionError, match="registered as v3 and rejected by bob"):
+        deletion_requests("params.yaml")
+    assert {ledger.get(r).status for r in (first, second)} == {Status.failed}
+    assert len(registry.versions(client, name)) == 3
+
+    # With another seed it is new work; rejecting the requests themselves is final.
+    ops["ops"]["seed"] += 1
+    write_params(ops)
+    assert run_cli(capsys, "request", "retry", first, second)[0] == 0
+    assert deletion_requests("params.yaml")["version"] == "4"
+    code, out = run_cli(capsys, "review", "reject", "4", "--reviewer", "bob", "--reason", "fraudulent request",
+                        "--reject-requests")
+    assert code == 0
+    assert {ledger.get(r).status for r in (first, second)} == {Status.rejected}
+    assert ledger.get(first).rejection_reason == "candidate v4 rejected by bob: fraudulent request"
+
+
+# ------------------------------------------------------------------ the pieces
+
+
+def test_choose_method_takes_the_best_final_score_else_the_fallback(ops, tmp_path):
+    metrics = tmp_path / "m"
+    metrics.mkdir()
+    assert deletion.choose_method(ops, metrics) == ("finetune", f"ops.fallback_method (no final_score in {metrics})")
+    (metrics / "finetune.json").write_text(json.dumps({"method": "finetune", "final_score": 0.31}))
+    (metrics / "neggrad_plus.json").write_text(json.dumps(
+        {"method": "neggrad_plus", "final_score": {"estimate": 0.42, "low": 0.3, "high": 0.5}}))
+    (metrics / "random_label.json").write_text(json.dumps({"method": "random_label"}))  # no score yet
+    (metrics / "gone.json").write_text(json.dumps({"method": "gone", "final_score": 0.99}))  # not a method
+    (metrics / "finetune+blend.json").write_text(json.dumps({"method": "finetune+blend", "final_score": 0.9}))
+    method, why = deletion.choose_method(ops, metrics)
+    assert method == "neggrad_plus" and why.startswith("best final_score 0.4200 among 2")
+    ops["ops"]["method"] = "random_label"
+    assert deletion.choose_method(ops, metrics) == ("random_label", "ops.method")
+    ops["ops"]["method"] = "nope"
+    with pytest.raises(ValueError, match="unknown method 'nope'; allowed: .*finetune"):
+        deletion.choose_method(ops, metrics)
+
+
+def metrics_row(forget, retain, test, auc):
+    return {"forget_accuracy": forget, "retain_accuracy": retain, "test_accuracy": test, "mia_auc": auc, "mia_accuracy": 0.5}
+
+
+GATES = deletion.Gates(retrain_reference=True, max_forget_accuracy_gap=0.05, max_mia_auc_gap=0.1,
+                       max_test_accuracy_drop=0.02, max_retain_accuracy_drop=0.02, mia_splits=5, mia_seed=0)
+
+
+def verdicts(metrics) -> dict:
+    return {v["gate"]: (v["status"], round(v["value"], 6) if v["value"] is not None else None)
+            for v in deletion.judge(metrics, GATES)}
+
+
+def test_gates_compare_with_the_retrained_reference_where_there_is_one():
+    champion = metrics_row(1.0, 0.99, 0.95, 0.70)
+    retrain = metrics_row(0.90, 0.97, 0.94, 0.52)
+    good = verdicts({"candidate": metrics_row(0.92, 0.96, 0.93, 0.55), "champion": champion, "retrain": retrain})
+    assert good == {"forget_accuracy": ("pass", 0.02), "mia": ("pass", 0.03),
+                    # utility is measured from the lower of champion and retrained
+                    "test_accuracy": ("pass", 0.01), "retain_accuracy": ("pass", 0.01)}
+    bad = verdicts({"candidate": metrics_row(1.0, 0.90, 0.80, 0.70), "champion": champion, "retrain": retrain})
+    assert bad == {"forget_accuracy": ("fail", 0.1), "mia": ("fail", 0.18),
+                   "test_accuracy": ("fail", 0.14), "retain_accuracy": ("fail", 0.07)}
+    # Forgetting too much (the Streisand effect) also fails: the gaps are two-sided.
+    assert verdicts({"candidate": metrics_row(0.5, 0.97, 0.94, 0.3), "champion": champion, "retrain": retrain}
+                    )["forget_accuracy"] == ("fail", 0.4)
+
+
+def test_gates_without_a_retrained_reference_use_test_accuracy_and_chance():
+    champion = metrics_row(1.0, 0.99, 0.95, 0.70)
+    result = verdicts({"candidate": metrics_row(0.96, 0.98, 0.94, 0.58), "champion": champion})
+    assert result == {"forget_accuracy": ("pass", 0.02), "mia": ("pass", 0.08),
+                      "test_accuracy": ("pass", 0.01), "retain_accuracy": ("pass", 0.01)}
+    small = verdicts({"candidate": metrics_row(1.0, 0.98, 0.94, None), "champion": champion})
+    assert small["mia"] == ("skipped", None)
+
+
+def test_serve_schedule_comes_from_params(repo_params):
+    params = copy.deepcopy(repo_params)
+    deployment = deletion_requests.to_deployment(name="d", **schedule(params))
+    assert deployment.schedules[0].schedule.interval.total_seconds() == 60 * params["ops"]["schedule"]["interval_minutes"]
+    params["ops"]["schedule"]["cron"] = "0 2 * * *"
+    deployment = deletion_requests.to_deployment(name="d", **schedule(params))
+    assert deployment.schedules[0].schedule.cron == "0 2 * * *"
+    params["ops"]["schedule"].update(cron=None, interval_minutes=0)
+    with pytest.raises(ValueError, match="interval_minutes must be > 0, got 0"):
+        schedule(params)
+
+
+def test_deploy_puts_both_flows_on_the_work_pool_of_the_server(repo_params, tmp_path, monkeypatch, prefect_harness):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.deletion import deploy_to_pool
+
+    shutil.copytree(REPO / "flows", tmp_path / "flows")  # a checkout: workers run its files
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(repo_params))
+    monkeypatch.chdir(tmp_path)
+    pool = repo_params["ops"]["work_pool"]
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+        deletion = client.read_deployment(deploy_to_pool("params.yaml"))
+        bench = client.read_deployment(benchmark_flow.deploy_to_pool())
+    assert deletion.work_pool_name == pool and deletion.entrypoint == "flows/deletion.py:deletion_requests"
+    assert deletion.parameters == {"params_path": "params.yaml"}
+    assert deletion.schedules[0].schedule.interval.total_seconds() == 60 * repo_params["ops"]["schedule"]["interval_minutes"]
+    assert deletion.global_concurrency_limit.limit == 1
+    assert deletion.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(tmp_path)}}]
+    assert bench.work_pool_name == pool and bench.entrypoint == "flows/benchmark.py:benchmark" and not bench.schedules
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(tuple(map(int, sqlalchemy.__version__.split(".")[:2])) >= (2, 1), strict=True,
+                   reason="Prefect 3.8.8's scheduler fails on SQLAlchemy 2.1; `make setup` installs the pinned 2.0")
+def test_serve_runs_the_flow_on_its_schedule_with_a_private_local_server(tmp_path, repo_params):
+    params = copy.deepcopy(repo_params)
+    params["ops"]["schedule"]["interval_minutes"] = 0.1
+    params["ops"]["ledger_url"] = f"sqlite:///{tmp_path}/ledger.db"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"),
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    serving = subprocess.Popen([sys.executable, str(REPO / "flows" / "deletion.py"), "serve"], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(serving.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 150
+        while sum("no pending deletion requests" in line for line in lines) < 2 and time.monotonic() < deadline:
+            if any("| ERROR" in line for line in lines):  # e.g. the server's scheduler failed
+                break
+            time.sleep(2)
+    finally:
+        os.killpg(serving.pid, signal.SIGINT)  # the serve process and the server it started
+        try:
+            serving.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serving.pid, signal.SIGKILL)
+    output = "".join(lines)
+    assert "local Prefect server: UI http://127.0.0.1:" in output
+    assert output.count("no pending deletion requests") >= 2, output[-3000:]  # two scheduled runs
+    assert (tmp_path / ".prefect").is_dir()
+
+
+# ------------------------------------------------------------------ the benchmark flow
+
+
+def test_device_slots_give_each_concurrent_task_its_own_gpu():
+    slots = benchmark_flow.Slots(["0", "1"])
+    held, overlaps, lock = [], [], threading.Lock()
+
+    def task():
+        with slots.hold() as gpu:
+            with lock:
+                overlaps.append(gpu in held)
+                held.append(gpu)
+            time.sleep(0.05)
+            with lock:
+                held.remove(gpu)
+
+    threads = [threading.Thread(target=task) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(overlaps) == 6 and not any(overlaps)
+
+
+def test_gpu_ids_and_devices(repo_params, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert benchmark_flow.gpu_ids("auto") == ["2", "3"]
+    assert benchmark_flow.gpu_ids([0, 1]) == ["0", "1"]
+    with pytest.raises(ValueError, match="must be 'auto' or a list"):
+        benchmark_flow.gpu_ids("0,1")
+    params = copy.deepcopy(repo_params)
+    params["ops"]["benchmark"].update(gpus=[], max_parallel=3)
+    assert benchmark_flow.devices(params) == [None, None, None]
+    params["ops"]["benchmark"]["gpus"] = "auto"
+    assert benchmark_flow.devices(params) == ["2", "3"]
+
+
+def test_stage_graph_is_dvcs_graph_in_dependency_order(repo_copy, monkeypatch):
+    monkeypatch.chdir(repo_copy)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], check=True)
+    graph = benchmark_flow.stage_graph()
+    listed = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert sorted(graph) == sorted(listed)
+    order = list(graph)
+    assert order[0] == "prepare" and order[-1] == "report"
+    assert all(order.index(dep) < order.index(stage) for stage, deps in graph.items() for dep in deps)
+    assert graph["unlearn@finetune"] == ["prepare", "train_target"]
+    assert "unlearn@finetune" in graph["evaluate@finetune"] and "retrain" in graph["evaluate@finetune"]
+
+
+@pytest.mark.slow
+def test_benchmark_flow_runs_the_dvc_pipeline_in_parallel(repo_copy, repo_params, prefect_harness, monkeypatch):
+    params = tiny(repo_params)
+    params["unlearn"]["methods"] = ["finetune", "neggrad_plus"]  # two methods show the parallel branches
+    params["condense"]["methods"] = ["finetune"]
+    params["data"]["deleted"] = "data/deleted.csv"
+    params["mlflow"].update(tracking_uri="sqlite:///mlflow.db", artifact_root="mlartifacts")
+    params["ops"]["benchmark"].update(gpus=[], max_parallel=2)
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(repo_copy)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], check=True)
+    rows = benchmark_flow.benchmark()
+    assert [r["stage"] for r in rows] == list(benchmark_flow.stage_graph())
+    for method in params["unlearn"]["methods"]:
+        assert (repo_copy / "metrics" / "methods" / f"{method}.json").is_file()
+    assert (repo_copy / "reports" / "index.html").is_file()
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout  # every stage recorded in dvc.lock
+    runs = mlflow.search_runs(experiment_names=[params["mlflow"]["experiment"]], output_format="list")
+    parent = [r for r in runs if r.data.tags.get("orchestrator") == "prefect"]
+    assert len(parent) == 1
+    assert sum(r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id for r in runs) >= len(rows)

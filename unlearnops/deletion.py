@@ -1,0 +1,453 @@
+"""Deletion requests -> an unlearned candidate model, gated on evidence (flows/deletion.py's work).
+
+A deletion run is a chain of steps; the flow runs each as a Prefect task:
+1. `claim`: pending requests (received, or processing after a crash) move to processing. If a
+   candidate already awaits review, its requests are claimed too: the new candidate is
+   unlearned from the champion for all of them and supersedes the old one, so a reviewer
+   always sees one candidate covering every request not yet in the champion.
+2. `plan`: choose the method, fix the forget set and write `work.json` into a folder named by
+   the work key, a hash of everything the result depends on (requests, champion version,
+   data, code, params).
+3. `unlearn`: the champion's weights from the registry, the method with N=1 -> candidate.pt.
+4. `evaluate`: accuracy on retain/forget/test and a loss-based membership-inference attack
+   for the candidate, the champion and (if configured) a model retrained without the forget
+   set -> evidence.json.
+5. `register`: gate verdicts (params.yaml `ops.gates`); if none fails: ONNX export with its
+   parity check and a new registry version with the evidence as tags and alias `candidate`.
+   If a gate fails, the run is logged to MLflow and no version is registered.
+6. `settle`: requests -> unlearned (with the model version), or failed with the reasons.
+
+Steps 3-5 skip work whose result exists (files in the work folder; a registry version tagged
+with the work key), so a run that crashed is finished by the next run without unlearning or
+registering twice. A run with nothing pending does nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from unlearnops import methods, registry, tracking
+from unlearnops.config import ConfigError, build_dataclass
+from unlearnops.data import Part, load_prepared, read_deleted_ids
+from unlearnops.export import ExportError
+from unlearnops.ledger import Ledger, Status
+from unlearnops.methods import UnlearnData
+from unlearnops.metrics.mia import loss_mia
+from unlearnops.outputs import eval_parts
+from unlearnops.pipeline import METRICS, PREPARED, write_json
+from unlearnops.stack import ModelStack
+from unlearnops.training import FitConfig, Runtime, Stream, predict, train_from_scratch
+
+LEDGER_ENV = "UNLEARNOPS_LEDGER_URL"
+ACTOR = "deletion-flow"
+WORK_FILE, CHAMPION_FILE, CANDIDATE_FILE = "work.json", "champion.pt", "candidate.pt"
+TIMING_FILE, EVIDENCE_FILE = "unlearn.json", "evidence.json"
+SPLITS = ("retain", "forget", "test")
+
+
+class DeletionError(RuntimeError):
+    """A deletion run that cannot succeed as configured; its requests are marked failed."""
+
+
+# Failures that are the requests' outcome (marked failed), not crashes (resumed next run).
+FAILURES = (DeletionError, ExportError)
+
+
+@dataclass
+class Gates:
+    """params.yaml `ops.gates`: what a candidate must show before it is registered."""
+
+    retrain_reference: bool
+    max_forget_accuracy_gap: float
+    max_mia_auc_gap: float
+    max_test_accuracy_drop: float
+    max_retain_accuracy_drop: float
+    mia_splits: int
+    mia_seed: int
+
+    @classmethod
+    def from_params(cls, params: dict) -> "Gates":
+        return build_dataclass(cls, params["ops"]["gates"], "ops.gates")
+
+
+# ------------------------------------------------------------------ settings
+
+
+def ledger_url(params: dict) -> str:
+    return os.environ.get(LEDGER_ENV) or str(params["ops"]["ledger_url"])
+
+
+def open_ledger(params: dict) -> Ledger:
+    return Ledger(ledger_url(params))
+
+
+def samples_table() -> Path:
+    path = PREPARED / "samples.csv"
+    if not path.is_file():
+        raise ConfigError(f"samples table not found: {path} (run the prepare stage: dvc repro prepare)")
+    return path
+
+
+def data_files(params: dict) -> list[Path]:
+    """The files a candidate's data depends on: the prepared data and the deletion list."""
+    return [PREPARED / "images.pt", PREPARED / "samples.csv", Path(params["data"]["deleted"])]
+
+
+def choose_method(params: dict, metrics_dir: Path = METRICS / "methods") -> tuple[str, str]:
+    """The unlearning method and why: `ops.method`, or with `auto` the best `final_score` of
+    the last benchmark (metrics/methods/*.json), else `ops.fallback_method`."""
+    wanted = params["ops"]["method"]
+    if wanted != "auto":
+        methods.get_method(wanted, params)  # unknown names fail with the allowed list
+        return wanted, "ops.method"
+    scores = {}
+    for path in sorted(Path(metrics_dir).glob("*.json")):
+        result = json.loads(path.read_text())
+        score = result.get("final_score")  # a number, or {"estimate", "low", "high", ...}
+        score = score.get("estimate") if isinstance(score, dict) else score
+        name = result.get("method", path.stem)  # condensed runs ("finetune+blend") are not candidates
+        if isinstance(score, (int, float)) and math.isfinite(score) and name in methods.available() \
+                and name in params["methods"]:
+            scores[name] = float(score)
+    if scores:
+        best = max(scores, key=scores.get)
+        return best, f"best final_score {scores[best]:.4f} among {len(scores)} benchmarked methods ({metrics_dir})"
+    fallback = params["ops"]["fallback_method"]
+    methods.get_method(fallback, params)
+    return fallback, f"ops.fallback_method (no final_score in {metrics_dir})"
+
+
+# ------------------------------------------------------------------ 1. claim
+
+
+def _ledger_order(request_ids) -> list[str]:
+    return sorted(set(request_ids), key=lambda r: (len(r), r))
+
+
+def claim(params: dict) -> list[str]:
+    """Move pending requests to processing and return the ids this run unlearns ([] = none)."""
+    ledger = open_ledger(params)
+    pending = ledger.pending()
+    if not pending:
+        return []
+    table = pd.read_csv(samples_table())
+    train_ids = set(table.loc[table["split"] == "train", "sample_id"].tolist())
+    deleted = read_deleted_ids(params["data"]["deleted"])
+    claimed = []
+    for request in pending:
+        if request.status is Status.received:
+            ledger.transition(request.id, Status.processing, actor=ACTOR, note="claimed by a deletion run")
+        missing = sorted(set(request.sample_ids) - train_ids)
+        if missing:
+            gone = [s for s in missing if s in deleted]
+            unknown = [s for s in missing if s not in deleted]
+            problems = []
+            if gone:
+                problems.append(f"sample ids already deleted by another request: {gone[:20]}")
+            if unknown:
+                problems.append(f"sample ids not in the train split of {PREPARED}/samples.csv: {unknown[:20]} "
+                                "(was the data prepared again with other settings?)")
+            ledger.transition(request.id, Status.failed, actor=ACTOR, note="; ".join(problems))
+        else:
+            claimed.append(request.id)
+    if not claimed:
+        return []
+    mlflow_client = registry.client(params)
+    candidate = registry.pending_candidate(mlflow_client, registry.model_name(params))
+    if candidate is not None:
+        for request in ledger.list(Status.unlearned):
+            if request.model_version == str(candidate.version):
+                ledger.transition(request.id, Status.processing, actor=ACTOR,
+                                  note=f"unlearned again together with new requests (candidate "
+                                       f"v{candidate.version} will be superseded)")
+                claimed.append(request.id)
+    return _ledger_order(claimed)
+
+
+# ------------------------------------------------------------------ 2. plan
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def plan(params: dict, request_ids: list[str]) -> Path:
+    """Write work.json for these requests; returns the work folder (named by the work key)."""
+    name = registry.model_name(params)
+    champion = registry.get_alias(registry.client(params), name, registry.CHAMPION)
+    if champion is None:
+        raise ConfigError(f"registered model '{name}' has no '{registry.CHAMPION}' version: run the "
+                          "train_target stage, which registers the target as the first champion "
+                          "(`dvc repro --force train_target` if DVC would restore it from its cache)")
+    method, why = choose_method(params)
+    settings = {
+        "request_ids": _ledger_order(request_ids),
+        "forget_sample_ids": open_ledger(params).forget_sample_ids(request_ids),
+        "method": method,
+        "base_version": str(champion.version),
+        "seed": int(params["ops"]["seed"]),
+        "data_hash": registry.data_hash(data_files(params)),
+        "code_version": registry.code_version(),
+        "params": {"method": params["methods"][method], "gates": params["ops"]["gates"], "train": params["train"],
+                   "evaluate": params["evaluate"], "model": params["model"]},
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    work_dir = Path(params["ops"]["work_dir"]) / key
+    if not (work_dir / WORK_FILE).is_file():
+        write_json(work_dir / WORK_FILE, {**settings, "work_key": key, "method_reason": why})
+    return work_dir
+
+
+# ------------------------------------------------------------------ 3. unlearn
+
+
+def _parts(params: dict, forget_ids: list[int]) -> tuple:
+    """(prepared data, parts): forget = the requested samples; retain = the rest of the train
+    split minus the deletion list (also when `prepare` has not run since the last approval)."""
+    data = load_prepared(PREPARED)
+    train = data["train"]
+    forget = np.isin(train.ids, forget_ids)
+    if forget.sum() != len(set(forget_ids)):
+        missing = sorted(set(forget_ids) - set(train.ids.tolist()))
+        raise DeletionError(f"sample ids not in the prepared train split: {missing[:20]}")
+    retain = ~forget & ~np.isin(train.ids, sorted(read_deleted_ids(params["data"]["deleted"])))
+
+    def take(mask: np.ndarray) -> Part:
+        index = np.flatnonzero(mask)
+        return Part(train.x[index], train.y[index], train.ids[index])
+
+    return data, {"retain": take(retain), "forget": take(forget), "val": data["val"], "test": data["test"]}
+
+
+def unlearn(params: dict, work_dir: str | Path) -> Path:
+    """Unlearn the champion for the work's forget set; writes candidate.pt (once)."""
+    work_dir = Path(work_dir)
+    out = work_dir / CANDIDATE_FILE
+    if out.is_file():
+        return out  # an earlier, interrupted run got this far
+    work = _read_json(work_dir / WORK_FILE)
+    champion = registry.load_stack(registry.client(params), registry.model_name(params), work["base_version"])
+    champion.save(work_dir / CHAMPION_FILE)
+    data, parts = _parts(params, work["forget_sample_ids"])
+    unlearn_data = UnlearnData(parts["retain"], parts["forget"], parts["val"], data.num_classes,
+                               bool(params["train"]["augment"]))
+    method = methods.get_method(work["method"], params)
+    start = time.perf_counter()
+    stack = method.unlearn(ModelStack.replicate(champion, [work["seed"]]), unlearn_data, Runtime.from_params(params))
+    write_json(work_dir / TIMING_FILE, {"unlearn_seconds": time.perf_counter() - start})
+    stack.save(out)  # last: its presence means this step is done
+    return out
+
+
+# ------------------------------------------------------------------ 4. evaluate
+
+
+def model_metrics(stack: ModelStack, parts: dict, runtime: Runtime, gates: Gates) -> dict:
+    """Accuracy on retain, forget and test, and the loss-MIA on forget vs test, of model 0."""
+    logits = {s: predict(stack, parts[s].x, runtime)[0].numpy() for s in SPLITS}
+    labels = {s: parts[s].y.numpy() for s in SPLITS}
+    metrics = {f"{s}_accuracy": float((logits[s].argmax(1) == labels[s]).mean()) for s in SPLITS}
+    n_splits = min(gates.mia_splits, len(labels["forget"]), len(labels["test"]))
+    mia = (loss_mia(logits["forget"], labels["forget"], logits["test"], labels["test"], n_splits, gates.mia_seed)
+           if n_splits >= 2 else {"acc": None, "auc": None})
+    return {**metrics, "mia_auc": mia["auc"], "mia_accuracy": mia["acc"]}
+
+
+def evaluate(params: dict, work_dir: str | Path) -> Path:
+    """Metrics of candidate, champion and (ops.gates.retrain_reference) a retrained model."""
+    work_dir = Path(work_dir)
+    out = work_dir / EVIDENCE_FILE
+    if out.is_file():
+        return out
+    work = _read_json(work_dir / WORK_FILE)
+    gates, runtime = Gates.from_params(params), Runtime.from_params(params)
+    _, parts = _parts(params, work["forget_sample_ids"])
+    models = {"candidate": ModelStack.load(work_dir / CANDIDATE_FILE), "champion": ModelStack.load(work_dir / CHAMPION_FILE)}
+    seconds = _read_json(work_dir / TIMING_FILE)
+    if gates.retrain_reference:
+        cfg = build_dataclass(FitConfig, params["train"]["fit"], "train.fit")
+        stream = Stream(parts["retain"].x, parts["retain"].y, cfg.batch_size, bool(params["train"]["augment"]))
+        models["retrain"], seconds["retrain_seconds"] = train_from_scratch(
+            models["champion"].spec, [int(params["train"]["seed"])], stream, cfg, runtime, desc="retrain reference")
+    evaluated = eval_parts(parts, params["evaluate"]["retain_max_samples"], params["evaluate"]["seed"])
+    evidence = {
+        "metrics": {name: model_metrics(stack, evaluated, runtime, gates) for name, stack in models.items()},
+        "n_samples": {s: len(evaluated[s]) for s in SPLITS},
+        "seconds": seconds,
+    }
+    write_json(out, evidence)
+    return out
+
+
+# ------------------------------------------------------------------ 5. register
+
+
+def judge(metrics: dict, gates: Gates) -> list[dict]:
+    """One verdict per gate: status pass | fail | skipped (not measurable), value, limit, detail."""
+    cand, champion, retrain = metrics["candidate"], metrics["champion"], metrics.get("retrain")
+    verdicts = []
+
+    def verdict(gate: str, value: float | None, limit: float, detail: str) -> None:
+        status = "skipped" if value is None else "pass" if value <= limit else "fail"
+        verdicts.append({"gate": gate, "status": status, "value": value, "limit": limit, "detail": detail})
+
+    # Forgotten data should look like data the model never saw: the retrained model's forget
+    # accuracy, or without one the candidate's own accuracy on unseen test data.
+    ref, source = (retrain["forget_accuracy"], "retrained") if retrain else (cand["test_accuracy"], "candidate test accuracy")
+    verdict("forget_accuracy", abs(cand["forget_accuracy"] - ref), gates.max_forget_accuracy_gap,
+            f"|forget accuracy {cand['forget_accuracy']:.3f} - {ref:.3f} ({source})|")
+    if cand["mia_auc"] is None:
+        verdict("mia", None, gates.max_mia_auc_gap, "forget set too small for the attack (needs 2 samples)")
+    else:
+        ref, source = (retrain["mia_auc"], "retrained") if retrain else (0.5, "chance")
+        verdict("mia", abs(cand["mia_auc"] - ref), gates.max_mia_auc_gap,
+                f"|loss-MIA AUC {cand['mia_auc']:.3f} - {ref:.3f} ({source})|")
+    # Utility may fall as far as losing the data costs a retrained model, plus the tolerance.
+    for split, limit in (("test", gates.max_test_accuracy_drop), ("retain", gates.max_retain_accuracy_drop)):
+        key = f"{split}_accuracy"
+        refs = {"champion": champion[key], **({"retrained": retrain[key]} if retrain else {})}
+        source = min(refs, key=refs.get)
+        verdict(key, refs[source] - cand[key], limit, f"{source} {refs[source]:.3f} - candidate {cand[key]:.3f}")
+    return verdicts
+
+
+def _version_tags(work: dict, evidence: dict, verdicts: list[dict], parity: dict) -> dict:
+    tags = {
+        "unlearnops.role": "candidate",
+        "review_status": registry.PENDING,
+        "request_ids": ",".join(work["request_ids"]),
+        "n_forget_samples": len(work["forget_sample_ids"]),
+        "method": work["method"],
+        "method_reason": work["method_reason"],
+        "base_version": work["base_version"],
+        "work_key": work["work_key"],
+        "data_hash": work["data_hash"],
+        "code_version": work["code_version"],
+        "gates": "passed",
+    }
+    tags |= {f"gate.{v['gate']}": f"{v['status']}: {v['detail']} (limit {v['limit']:g})" for v in verdicts}
+    tags |= {f"metric.{model}.{k}": "n/a" if value is None else f"{value:.4f}"
+             for model, values in evidence["metrics"].items() for k, value in values.items()}
+    tags |= {f"onnx.{k}": f"{v:.6g}" for k, v in parity.items()}
+    tags |= {k: f"{v:.2f}" for k, v in evidence["seconds"].items()}
+    return tags
+
+
+def evidence_markdown(work: dict, evidence: dict, verdicts: list[dict]) -> str:
+    """The review report logged with the run: requests, metrics side by side, gate verdicts."""
+    metrics = evidence["metrics"]
+    names = list(next(iter(metrics.values())))
+    rows = ["| metric | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for k in names:
+        rows.append(f"| {k} | " + " | ".join("n/a" if m[k] is None else f"{m[k]:.4f}" for m in metrics.values()) + " |")
+    gates = [f"- **{v['gate']}**: {v['status']} ({v['detail']}; limit {v['limit']:g})" for v in verdicts]
+    return "\n".join([
+        f"# Deletion run {work['work_key']}",
+        f"- requests: {', '.join(work['request_ids'])} ({len(work['forget_sample_ids'])} samples)",
+        f"- method: {work['method']} ({work['method_reason']}), seed {work['seed']}",
+        f"- unlearned from champion v{work['base_version']}; data {work['data_hash']}; code {work['code_version']}",
+        f"- evaluated on {evidence['n_samples']}", "", "## Metrics", *rows, "", "## Gates", *gates, "",
+    ])
+
+
+def _reuse(mlflow_client, name: str, version, work: dict) -> dict:
+    """A version already registered for this exact work: make it the candidate again, unless a
+    reviewer rejected it (running the same work again would give the same model)."""
+    status = version.tags.get("review_status")
+    if status not in (registry.PENDING, registry.SUPERSEDED):
+        raise DeletionError(f"this exact work (same requests, champion, data, code and params) was registered as "
+                            f"v{version.version} and {status} by {version.tags.get('reviewed_by', '?')}: "
+                            f"{version.tags.get('review_reason', '')}; change ops.method or methods.{work['method']} "
+                            "before retrying")
+    _mark_superseded(mlflow_client, name, registry.pending_candidate(mlflow_client, name), version.version)
+    mlflow_client.set_model_version_tag(name, version.version, "review_status", registry.PENDING)
+    mlflow_client.set_registered_model_alias(name, registry.CANDIDATE, version.version)
+    return {"version": str(version.version), "run_id": version.run_id, "method": work["method"], "failed_gates": []}
+
+
+def _mark_superseded(mlflow_client, name: str, previous, new_version: str) -> None:
+    """Tag the candidate that awaited review as superseded by `new_version`."""
+    if previous is not None and str(previous.version) != str(new_version):
+        mlflow_client.set_model_version_tag(name, previous.version, "review_status", registry.SUPERSEDED)
+        mlflow_client.set_model_version_tag(name, previous.version, "superseded_by", str(new_version))
+
+
+def register(params: dict, work_dir: str | Path) -> dict:
+    """Gate the candidate and, if no gate fails, register it with alias `candidate`.
+
+    Returns {"version": str | None, "run_id", "failed_gates": [...]}.
+    """
+    work_dir = Path(work_dir)
+    work, evidence = _read_json(work_dir / WORK_FILE), _read_json(work_dir / EVIDENCE_FILE)
+    verdicts = judge(evidence["metrics"], Gates.from_params(params))
+    failed = [f"{v['gate']}: {v['detail']} > {v['limit']:g}" for v in verdicts if v["status"] == "fail"]
+    name, mlflow_client = registry.model_name(params), registry.client(params)
+    existing = registry.versions(mlflow_client, name, work_key=work["work_key"])
+    if existing:  # the same work key means the same evidence, so its gates passed too
+        return _reuse(mlflow_client, name, existing[0], work)
+
+    mlflow = tracking.configure(params)
+    tags = {"unlearnops.stage": "deletion", "work_key": work["work_key"], "gates": "failed" if failed else "passed"}
+    with mlflow.start_run(run_name=f"deletion-{work['work_key'][:8]}", tags=tags) as run:
+        mlflow.log_params({"method": work["method"], "base_version": work["base_version"], "seed": work["seed"],
+                           "n_requests": len(work["request_ids"]), "n_forget_samples": len(work["forget_sample_ids"])})
+        mlflow.log_metrics({k: v for k, v in tracking.flatten(evidence["metrics"]).items() if v is not None})
+        mlflow.log_dict({"work": work, "evidence": evidence, "gates": verdicts}, "review/evidence.json")
+        mlflow.log_text(evidence_markdown(work, evidence, verdicts), "review/report.md")
+        result = {"version": None, "run_id": run.info.run_id, "method": work["method"], "failed_gates": failed}
+        if failed:
+            return result
+        _, parts = _parts(params, work["forget_sample_ids"])
+        stack = ModelStack.load(work_dir / CANDIDATE_FILE)
+        info, parity = registry.log_model_files(mlflow, stack, parts["test"].x, params)
+        previous = registry.pending_candidate(mlflow_client, name)
+        version = registry.register(mlflow_client, name, info, run.info.run_id,
+                                    _version_tags(work, evidence, verdicts, parity), registry.CANDIDATE)
+        _mark_superseded(mlflow_client, name, previous, version.version)
+    return {**result, "version": str(version.version)}
+
+
+# ------------------------------------------------------------------ 6. settle
+
+
+def settle(params: dict, request_ids: list[str], result: dict) -> dict:
+    """Record the run's outcome on its requests (only those still processing)."""
+    if result["version"] is None:
+        return fail(params, request_ids, "gates failed: " + "; ".join(result["failed_gates"]))
+    ledger = open_ledger(params)
+    done = []
+    for request_id in request_ids:
+        if ledger.get(request_id).status is Status.processing:
+            ledger.transition(request_id, Status.unlearned, actor=ACTOR, model_version=result["version"],
+                              note=f"unlearned into candidate v{result['version']} with {result['method']}",
+                              extra={"mlflow_run_id": result["run_id"]})
+            done.append(request_id)
+    return {"version": result["version"], "unlearned": done, "failed": []}
+
+
+def fail(params: dict, request_ids: list[str], reason: str) -> dict:
+    """Mark the run's processing requests failed with `reason`; requests that a pending
+    candidate still covers go back to `unlearned` in it."""
+    ledger = open_ledger(params)
+    candidate = registry.pending_candidate(registry.client(params), registry.model_name(params))
+    failed, kept = [], []
+    for request_id in request_ids:
+        request = ledger.get(request_id)
+        if request.status is not Status.processing:
+            continue
+        if candidate is not None and request.model_version == str(candidate.version):
+            ledger.transition(request_id, Status.unlearned, actor=ACTOR,
+                              note=f"this run failed ({reason}); still in candidate v{candidate.version}")
+            kept.append(request_id)
+        else:
+            ledger.transition(request_id, Status.failed, actor=ACTOR, note=reason)
+            failed.append(request_id)
+    return {"version": None, "unlearned": kept, "failed": failed, "reason": reason}

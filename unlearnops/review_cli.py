@@ -1,0 +1,103 @@
+"""`unlearnops review list|approve|reject`: the registry review's command-line views.
+
+Each command returns its exit code: 0 on success, 2 when the action is refused (the reason is
+printed; nothing was changed).
+"""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from unlearnops import registry
+from unlearnops.ledger import Ledger, LedgerError
+
+MODELS = ("candidate", "champion", "retrain")
+METRICS = ("forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc", "mia_accuracy")
+
+
+def _evidence_table(version) -> Table:
+    tags = version.tags
+    table = Table(title=f"v{version.version}: metrics on this run's forget set", title_justify="left")
+    table.add_column("metric")
+    for model in MODELS:
+        table.add_column(model if model != "retrain" else "retrained", justify="right")
+    for metric in METRICS:
+        table.add_row(metric, *[tags.get(f"metric.{model}.{metric}", "-") for model in MODELS])
+    return table
+
+
+def _links(mlflow_client, params: dict, version) -> list[tuple[str, str]]:
+    run = mlflow_client.get_run(version.run_id)
+    ui = str(params["ops"]["ui_url"]).rstrip("/")
+    return [
+        ("MLflow run", f"{ui}/#/experiments/{run.info.experiment_id}/runs/{version.run_id}"),
+        ("report", f"{run.info.artifact_uri}/review/report.md"),
+        ("model", f"models:/{version.name}/{version.version} (ONNX; weights in {registry.STACK_PATH})"),
+    ]
+
+
+def cmd_list(mlflow_client, params: dict, include_decided: bool = False) -> int:
+    console = Console()
+    name = registry.model_name(params)
+    champion = registry.get_alias(mlflow_client, name, registry.CHAMPION)
+    console.print(f"registered model [bold]{escape(name)}[/bold]; champion: "
+                  + (f"v{champion.version} ({champion.tags.get('unlearnops.role', '?')})" if champion else "none"),
+                  highlight=False)
+    found = registry.candidates(mlflow_client, name, include_decided)
+    if not found:
+        console.print("no candidates awaiting review" if not include_decided else "no candidates", highlight=False)
+        return 0
+    for version in found:
+        tags = version.tags
+        status = tags.get("review_status", "?")
+        aliases = f" [{', '.join(version.aliases)}]" if version.aliases else ""
+        console.rule(escape(f"v{version.version}{aliases}: {status}"), align="left")
+        facts = Table(show_header=False, box=None)
+        for label, value in [
+            ("requests", f"{tags.get('request_ids', '').replace(',', ', ')} ({tags.get('n_forget_samples', '?')} samples)"),
+            ("method", f"{tags.get('method')} ({tags.get('method_reason')}); "
+                       f"{tags.get('unlearn_seconds', '?')} s to unlearn"),
+            ("unlearned from", f"champion v{tags.get('base_version')}"),
+            ("provenance", f"data {tags.get('data_hash')}, code {tags.get('code_version')}, work {tags.get('work_key')}"),
+            ("ONNX parity", f"max |logit diff| {tags.get('onnx.max_abs_logit_diff')}, "
+                            f"top-1 agreement {tags.get('onnx.top1_agreement')}"),
+            *[(f"gate {k.removeprefix('gate.')}", v) for k, v in sorted(tags.items()) if k.startswith("gate.")],
+            *[(k.replace("_", " "), tags[k]) for k in ("superseded_by", "reviewed_by", "reviewed_at", "review_reason")
+              if tags.get(k)],
+            *_links(mlflow_client, params, version),
+        ]:
+            facts.add_row(label, escape(str(value)))
+        console.print(facts)
+        console.print(_evidence_table(version))
+    return 0
+
+
+def _refused(err: Exception) -> int:
+    Console().print(f"[red]refused:[/red] {escape(str(err))}", highlight=False)
+    return 2
+
+
+def cmd_approve(mlflow_client, ledger: Ledger, params: dict, version: str, reviewer: str, reason: str | None) -> int:
+    try:
+        approved = registry.approve(mlflow_client, ledger, params, version, reviewer, reason)
+    except (registry.RegistryError, LedgerError) as err:
+        return _refused(err)
+    requests = registry.request_ids_of(approved)
+    Console().print(f"v{approved.version} is now the {registry.CHAMPION}; requests {', '.join(requests)} approved and "
+                    f"their samples added to the deletion list {params['data']['deleted']} "
+                    "(`dvc repro` retrains and benchmarks without them)", highlight=False)
+    return 0
+
+
+def cmd_reject(mlflow_client, ledger: Ledger, params: dict, version: str, reviewer: str, reason: str,
+               reject_requests: bool) -> int:
+    try:
+        rejected = registry.reject(mlflow_client, ledger, params, version, reviewer, reason, reject_requests)
+    except (registry.RegistryError, LedgerError) as err:
+        return _refused(err)
+    outcome = ("rejected" if reject_requests else
+               "failed (change ops.method or its hyperparameters, then `unlearnops request retry`)")
+    Console().print(f"v{rejected.version} rejected; its requests {', '.join(registry.request_ids_of(rejected))} "
+                    f"are {outcome}", highlight=False)
+    return 0

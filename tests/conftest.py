@@ -43,6 +43,15 @@ def _cap_epochs(node, most: int) -> None:
             _cap_epochs(value, most)
 
 
+@pytest.fixture()
+def one_thread():
+    """Torch on one thread for tests of many tiny tensor ops: a second thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def repo_params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())

@@ -309,13 +309,6 @@ def _load_benchmark():
     return module
 
 
-@pytest.fixture()
-def one_thread():
-    # The 2D model's tensors are tiny: extra threads only add contention on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_2d_layered_unlearning_resists_relearning_better_than_plain(repo_params, one_thread):

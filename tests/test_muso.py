@@ -45,13 +45,6 @@ def linear_problem(n_outputs: int | None):
     return z[:100], y[:100], z[100:], y[100:], w0, wrong
 
 
-@pytest.fixture()
-def one_thread():
-    """The gradient descents are thousands of tiny matmuls: one thread avoids contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("n_outputs", [None, 3], ids=["regression", "one-hot"])

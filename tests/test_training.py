@@ -28,17 +28,13 @@ RESNET = {"arch": "resnet18", "num_classes": 10, "in_channels": 3, "image_size":
 CPU = Runtime("cpu", models_per_pass=8)
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster than two
+
+
 def adam(epochs: int, batch_size: int = 32) -> FitConfig:
     return FitConfig(epochs=epochs, batch_size=batch_size, optimizer="adam", lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="constant")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is faster than two, by far when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

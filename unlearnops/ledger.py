@@ -18,9 +18,7 @@ val/test sample ids are rejected, and a user with no training samples is rejecte
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from numbers import Integral
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
@@ -33,6 +31,8 @@ from sqlalchemy import JSON, DateTime, Enum, ForeignKey, String, create_engine, 
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
+
+from unlearnops.files import write_text_atomic
 
 DELETED_COLUMNS = ["sample_id", "user_id", "request_id", "approved_at"]
 
@@ -460,15 +460,5 @@ def apply_approved(ledger: Ledger, deleted_csv_path: str | Path, request_ids: It
     if not new:
         return 0
     table = pd.concat([existing, pd.DataFrame(new, dtype=str)], ignore_index=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            table.to_csv(f, index=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_text_atomic(path, table.to_csv(index=False))
     return len(new)

@@ -6,7 +6,6 @@ the ones dvc.yaml declares as deps and outs.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from unlearnops import condense as condense_lib
 from unlearnops import data as data_lib
 from unlearnops import evaluation, methods, registry, tracking
 from unlearnops.config import build_dataclass, choose
+from unlearnops.files import write_json
 from unlearnops.nets import model_spec
 from unlearnops.outputs import RunOutputs, eval_parts, run_outputs
 from unlearnops.stack import ModelStack
@@ -28,14 +28,6 @@ UNLEARNED = Path("models/unlearned")
 METRICS = Path("metrics")
 EVALUATION = Path("evaluation")
 REPORTS = Path("reports")
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Atomic JSON write: readers never see a half-written metrics file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def seeds(base: int, n: int) -> list[int]:

@@ -25,16 +25,15 @@ Where the released code and this module differ (all documented at the point of u
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from unlearnops.files import write_json
 
 DELTA = 1e-5
 EPSILON_CAP = 50.0
@@ -457,19 +456,5 @@ def score_files(unlearned_path, retrained_path, out_path, labels_path=None, logi
         "n_examples": int(epsilons.size),
         "bins": {"edges": quality["bin_edges"].tolist(), "points": quality["bin_points"].tolist()},
     }
-    _write_json_atomic(result, Path(out_path))
+    write_json(out_path, result, sort_keys=False)
     return result
-
-
-def _write_json_atomic(payload: dict, out_path: Path) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -1,4 +1,4 @@
-"""DVC stage `relearn` for one method, or `retrain` (argument); see unlearnops.pipeline.relearn."""
+"""DVC stage `relearn_retrain`: `stages/relearn.py retrain` (any method name works too); see unlearnops.pipeline.relearn."""
 import sys
 
 from unlearnops.cli import run_stage

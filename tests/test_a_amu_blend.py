@@ -160,12 +160,11 @@ def test_blend_stages_write_condensed_runs_and_report_them(tiny_params, tmp_path
     pipeline.prepare(params)
     pipeline.train_target(params)
     pipeline.retrain(params)
+    pipeline.relearn(params, "retrain")  # the reference of every evaluate stage's relearning attack
     pipeline.unlearn(params, "finetune")
     pipeline.evaluate(params, "finetune")
     run_stage("unlearn", ["finetune", "--condense", "blend"])  # what dvc.yaml's unlearn_blend runs
     run_stage("evaluate", ["finetune", "--condense", "blend"])
-    pipeline.relearn(params, "retrain")  # the report's relearning section needs these
-    pipeline.relearn(params, "finetune")
     pipeline.report(params)
 
     metrics = json.loads((tmp_path / "metrics/methods/finetune+blend.json").read_text())
@@ -176,6 +175,9 @@ def test_blend_stages_write_condensed_runs_and_report_them(tiny_params, tmp_path
     assert metrics["method"] == "finetune+blend" and metrics["n_models"] == 4
     assert (tmp_path / "models/unlearned/finetune+blend/models.pt").is_file()
     assert "finetune+blend" in (tmp_path / "reports/table.md").read_text()
+    relearn = json.loads((tmp_path / "metrics/relearn/finetune+blend.json").read_text())  # evaluate ran the attack
+    assert relearn["name"] == "finetune+blend" and "retrain" in relearn["subsets"]["F1"]
+    assert "finetune+blend" in (tmp_path / "reports/relearn.md").read_text()
 
 
 def test_unknown_condenser_is_a_clear_error(tiny_params, tmp_path, monkeypatch, capsys):

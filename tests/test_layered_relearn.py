@@ -234,6 +234,7 @@ def stage_dir(tiny_setup, tiny_params, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = copy.deepcopy(tiny_params)
     params["unlearn"]["methods"] = ["finetune"]
+    params["condense"]["methods"] = []
     params["relearn"].update(n_models=2, fit={**params["relearn"]["fit"], "epochs": 2, "batch_size": 4})
     data_lib.prepare(params, pipeline.PREPARED)
     ModelStack.replicate(target, [0, 1, 2]).save(pipeline.RETRAIN / "models.pt")

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
 
 from unlearnops.config import ConfigError, build_dataclass, choose
 from unlearnops.data import Part
@@ -56,6 +55,8 @@ def condense(name: str, params: dict, retain: Part, forget: Part, original: Mode
 
 def blend(retain: Part, forget: Part, original: ModelStack, cfg: BlendConfig, runtime: Runtime) -> Blended:
     """Condense `retain` with Blend, using model 0 of `original` as the feature space."""
+    from sklearn.cluster import KMeans  # imported here: every unlearn stage imports this module
+
     if cfg.ipc < 1:
         raise ConfigError(f"condense.blend.ipc is {cfg.ipc}: each class needs at least 1 cluster, or the class would be left empty")
     model = original.select([0])

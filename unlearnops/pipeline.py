@@ -1,7 +1,8 @@
 """The DVC stages' work: read params and inputs, call the library, write outputs, log to MLflow.
 
 Each function is one stage of dvc.yaml; `stages/<name>.py` only calls it. The paths here are
-the ones dvc.yaml declares as deps and outs.
+the ones dvc.yaml declares as deps and outs. Every stage is a fresh process, so modules that
+pull in scikit-learn (evaluation) are imported only by the stages that use them.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from unlearnops import condense as condense_lib
 from unlearnops import data as data_lib
-from unlearnops import evaluation, methods, registry, tracking
+from unlearnops import methods, registry, tracking
 from unlearnops.config import build_dataclass, choose
 from unlearnops.files import write_json
 from unlearnops.nets import model_spec
@@ -52,6 +53,8 @@ def prepare(params: dict) -> dict:
 
 
 def _train_stage(params: dict, name: str, out_dir: Path, split: str, seed_list: list[int], register: bool = False) -> dict:
+    from unlearnops import evaluation
+
     runtime = Runtime.from_params(params)
     data = data_lib.load_prepared(PREPARED)
     spec = model_spec(params, data.num_classes, data.in_channels, data.image_size)
@@ -95,6 +98,11 @@ def run_name(method_name: str, condense: str | None) -> str:
     return f"{method_name}+{choose(condense, condense_lib.CONDENSERS, 'condenser')}"
 
 
+def run_names(params: dict) -> list[str]:
+    """Every unlearning run of the benchmark: each method, then each method on the Blend-condensed retain set."""
+    return [*params["unlearn"]["methods"], *(run_name(m, "blend") for m in params.get("condense", {}).get("methods", []))]
+
+
 def unlearn(params: dict, method_name: str, condense: str | None = None) -> dict:
     """Run `method_name` N times from the one target model, one seed per run; with `condense`
     (a condenser of unlearnops.condense) on the condensed retain set, condensing included in the time."""
@@ -130,11 +138,16 @@ def unlearn(params: dict, method_name: str, condense: str | None = None) -> dict
 
 
 def evaluate(params: dict, method_name: str, condense: str | None = None) -> dict:
+    """The evidence for one unlearning run: accuracies, the competition score, membership
+    inference (evaluation.evaluate_method) and the relearning attack, in one MLflow run."""
+    from unlearnops import evaluation
+
     methods.get_method(method_name, params)  # unknown names fail with the allowed list
     name = run_name(method_name, condense)
     unlearned = RunOutputs.load(UNLEARNED / name / "logits.npz")
     retrained = RunOutputs.load(RETRAIN / "logits.npz")
-    with tracking.stage_run(params, "evaluate", {"method": name, "evaluate": params["evaluate"]}, run_name=f"evaluate-{name}") as (mlflow, _):
+    retrain_relearn = _read_json(METRICS / "relearn" / "retrain.json", "relearn_retrain")
+    with tracking.stage_run(params, "evaluate", {"method": name, "evaluate": params["evaluate"], "relearn": params["relearn"]}, run_name=f"evaluate-{name}") as (mlflow, _):
         metrics, arrays = evaluation.evaluate_method(unlearned, retrained, params)
         result = {"method": name, **metrics}
         if condense is not None:  # the retain-set sizes before and after condensing
@@ -143,31 +156,38 @@ def evaluate(params: dict, method_name: str, condense: str | None = None) -> dic
         np.savez(EVALUATION / f"{name}.npz", **arrays)
         write_json(METRICS / "methods" / f"{name}.json", result)
         mlflow.log_metrics({k: v for k, v in tracking.flatten(result).items() if isinstance(v, (int, float))})
+        _relearning_attack(params, name, UNLEARNED / name / "models.pt", retrain_relearn, mlflow)
     return result
 
 
 def relearn(params: dict, name: str) -> dict:
-    """The relearning attack on the first relearn.n_models models of `name`: a method, or `retrain`
-    (the reference: run first, every method's result embeds it)."""
+    """The `relearn_retrain` stage (name `retrain`): the relearning attack on the retrained models,
+    the reference every method's attack (run by `evaluate`) is compared with. Any method name
+    attacks that method's models the same way."""
+    choose(name, ["retrain", *methods.available()], "relearning target")
+    retrain_result = None if name == "retrain" else _read_json(METRICS / "relearn" / "retrain.json", "relearn_retrain")
+    checkpoint = RETRAIN / "models.pt" if name == "retrain" else UNLEARNED / name / "models.pt"
+    with tracking.stage_run(params, "relearn", {"target": name, "relearn": params["relearn"]}, run_name=f"relearn-{name}") as (mlflow, _):
+        return _relearning_attack(params, name, checkpoint, retrain_result, mlflow)
+
+
+def _relearning_attack(params: dict, name: str, checkpoint: Path, retrain_result: dict | None, mlflow) -> dict:
+    """Attack the first relearn.n_models models of `checkpoint`; write metrics/relearn/<name>.json
+    (with retrain's result as the reference, if given) and log it to the open MLflow run."""
     from unlearnops.metrics import relearn as relearn_lib
 
-    choose(name, ["retrain", *methods.available()], "relearning target")
     cfg = relearn_lib.config_from(params)
-    runtime = Runtime.from_params(params)
-    retrain_result = None if name == "retrain" else _read_json(METRICS / "relearn" / "retrain.json", "relearn_retrain")
-    stack = ModelStack.load((RETRAIN if name == "retrain" else UNLEARNED / name) / "models.pt")
+    stack = ModelStack.load(checkpoint)
     forget = data_lib.load_prepared(PREPARED)["forget"]
-    with tracking.stage_run(params, "relearn", {"target": name, "relearn": params["relearn"]}, run_name=f"relearn-{name}") as (mlflow, _):
-        result = relearn_lib.relearning_attack(stack, forget, cfg, runtime)
-        if retrain_result is not None:
-            result = relearn_lib.with_retrain_reference(result, retrain_result)
-        result = {"name": name, **result}
-        write_json(METRICS / "relearn" / f"{name}.json", result)
-        summary = {k: v for k, v in tracking.flatten(result["subsets"], "relearn.").items() if isinstance(v, (int, float))}
-        mlflow.log_metrics(summary)
-        for key, entry in result["subsets"].items():
-            for epoch, accuracy in enumerate(entry["per_epoch"]):
-                mlflow.log_metric(f"relearn.{key}.accuracy_on_T", accuracy, step=epoch)
+    result = relearn_lib.relearning_attack(stack, forget, cfg, Runtime.from_params(params))
+    if retrain_result is not None:
+        result = relearn_lib.with_retrain_reference(result, retrain_result)
+    result = {"name": name, **result}
+    write_json(METRICS / "relearn" / f"{name}.json", result)
+    mlflow.log_metrics({k: v for k, v in tracking.flatten(result["subsets"], "relearn.").items() if isinstance(v, (int, float))})
+    for key, entry in result["subsets"].items():
+        for epoch, accuracy in enumerate(entry["per_epoch"]):
+            mlflow.log_metric(f"relearn.{key}.accuracy_on_T", accuracy, step=epoch)
     return result
 
 

@@ -16,6 +16,7 @@ import pandas as pd  # noqa: E402
 from unlearnops import evaluation, report_relearn  # noqa: E402
 from unlearnops.metrics import epsilon  # noqa: E402
 from unlearnops.outputs import RunOutputs  # noqa: E402
+from unlearnops.pipeline import run_names  # noqa: E402
 
 
 def _load_json(path: Path) -> dict:
@@ -176,8 +177,7 @@ def write_html(path: Path, title: str, tables: dict[str, pd.DataFrame], plots: d
 
 def build(params: dict, metrics_dir: Path, out_dir: Path, models_dir: Path = Path("models")) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    condensed = [f"{method}+blend" for method in params.get("condense", {}).get("methods", [])]
-    runs_names = [*params["unlearn"]["methods"], *condensed]
+    runs_names = run_names(params)
     retrained = RunOutputs.load(models_dir / "retrain" / "logits.npz")
     target = RunOutputs.load(models_dir / "target" / "logits.npz")
     runs = {name: RunOutputs.load(models_dir / "unlearned" / name / "logits.npz") for name in runs_names}

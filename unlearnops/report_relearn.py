@@ -1,7 +1,7 @@
 """The report's relearning section: a table (Markdown + CSV) and a plot of the relearning attack.
 
-Reads metrics/relearn/<name>.json (the `relearn` stages) for retrain and every method in
-`unlearn.methods`; `report.build` calls `build`.
+Reads metrics/relearn/<name>.json for retrain (the `relearn_retrain` stage) and every unlearning
+run (its `evaluate` stage); `report.build` calls `build`.
 """
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from unlearnops.pipeline import run_names
+
+
 def _read(metrics_dir: Path, name: str) -> dict:
     path = metrics_dir / "relearn" / f"{name}.json"
     if not path.is_file():
-        stage = "relearn_retrain" if name == "retrain" else f"relearn@{name}"
-        raise FileNotFoundError(f"{path} not found (run the {stage} stage first)")
+        stage = "the relearn_retrain stage" if name == "retrain" else f"the evaluate stage of {name}"
+        raise FileNotFoundError(f"{path} not found (run {stage} first)")
     return json.loads(path.read_text())
 
 
@@ -27,7 +30,7 @@ def relearn_table(params: dict, metrics_dir: Path) -> pd.DataFrame:
     retrained models' accuracy on T after the same attack; means and standard deviations over models."""
     retrain = _read(metrics_dir, "retrain")
     rows = []
-    for name in ["retrain", *params["unlearn"]["methods"]]:
+    for name in ["retrain", *run_names(params)]:
         result = retrain if name == "retrain" else _read(metrics_dir, name)
         for key, entry in result["subsets"].items():
             reference = retrain["subsets"][key]

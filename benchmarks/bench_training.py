@@ -104,6 +104,11 @@ def cpu_tables(params: dict, args) -> None:
     warm_up = FitConfig(**{**full.__dict__, "epochs": 1})
     naive_train(spec, [0], train.x, train.y, warm_up)
     engine_train(spec, [0, 1], train.x, train.y, warm_up, runtime)
+    _, flops_per_image = training_flops(spec)
+    model_gflop = flops_per_image * len(train) * full.epochs / 1e9  # one model, full training
+    ceiling = cpu_matmul_gflops()
+    print(f"one model's training: {model_gflop:.1f} GFLOP counted (torch FlopCounterMode); fp32 2048^3 matmul here: "
+          f"{ceiling:.0f} GFLOP/s, i.e. at most {ceiling / model_gflop:.1f} models/s for any implementation")
     rows = []
     for n in sizes:
         seeds = list(range(n))
@@ -115,11 +120,12 @@ def cpu_tables(params: dict, args) -> None:
             engine_s.append(timed(lambda: engine_train(spec, seeds, train.x, train.y, short, runtime)))
         scale = full.epochs / short.epochs
         naive_rate, engine_rate = n / (statistics.median(naive_s) * scale), n / (statistics.median(engine_s) * scale)
-        rows.append([n, f"{naive_rate:.2f}", f"{engine_rate:.2f}", f"{engine_rate / naive_rate:.1f}x", f"{os.getloadavg()[0]:.1f}"])
+        rows.append([n, f"{naive_rate:.2f}", f"{engine_rate:.2f}", f"{engine_rate / naive_rate:.1f}x",
+                     f"{naive_rate * model_gflop:.0f} / {engine_rate * model_gflop:.0f}", f"{engine_rate * model_gflop / ceiling:.0%}", f"{os.getloadavg()[0]:.1f}"])
         print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
     print(f"\nmodels trained per second ({full.epochs} epochs each; timed over max({args.epochs}, 8/N) epochs, "
           f"median of {1 if args.quick else args.repeats})")
-    print(tabulate(rows, headers=["N", "naive loop", "engine", "speedup", "load avg"], tablefmt="github"))
+    print(tabulate(rows, headers=["N", "naive loop", "engine", "speedup", "GFLOP/s naive / engine", "engine / matmul ceiling", "load avg"], tablefmt="github"))
     if args.quick:
         return
     # Same accuracy: 8 models with the full settings, both ways.
@@ -150,17 +156,28 @@ def bf16_matmul_tflops() -> float:
     return 20 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
 
 
-def resnet_flops(spec: dict) -> tuple[float, float]:
-    """Counted FLOPs per 32x32 image (a multiply-add counts 2): forward, forward + backward."""
+def training_flops(spec: dict) -> tuple[float, float]:
+    """Counted FLOPs per image of `spec`'s input size (a multiply-add counts 2): forward, forward + backward."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_model(spec, 0)
+    image = torch.randn(1, spec["in_channels"], spec["image_size"], spec["image_size"])
     with FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, 32, 32))
+        model(image)
     forward = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, 32, 32)).sum().backward()
+        model(image).sum().backward()
     return forward, counter.get_total_flops()
+
+
+def cpu_matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """fp32 matrix multiply on the CPU with torch's threads: the practical ceiling of any training loop here."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return repeats * 2 * size**3 / (time.perf_counter() - start) / 1e9
 
 
 def gpu_resnet(params: dict, args) -> None:
@@ -175,7 +192,7 @@ def gpu_resnet(params: dict, args) -> None:
     y = torch.randint(0, 10, (50_000,), generator=gen).cuda()
     steps_per_epoch = math.ceil(len(y) / batch)
     peak_measured = bf16_matmul_tflops()
-    fwd, train_flops = resnet_flops(spec)
+    fwd, train_flops = training_flops(spec)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; bf16 peak assumed 989 TFLOP/s (H100 SXM dense datasheet), "
           f"8192^3 bf16 matmul measured {peak_measured:.0f} TFLOP/s")
     print(f"ResNet-18 32x32 FLOPs per image, counted (torch FlopCounterMode, 2 per multiply-add): forward {fwd / 1e9:.2f} G, "

@@ -8,7 +8,7 @@
 Each task runs one DVC stage, `dvc repro --single-item <stage>` (e.g. `unlearn@finetune`), so
 dvc.yaml stays the single source of truth for commands, dependencies and caching; the flow
 takes the order from DVC's stage graph and adds the parallelism (prepare -> {train_target,
-retrain} -> per method unlearn -> evaluate, relearn -> report). Stages that are up to date
+retrain} -> evaluate_retrain, per method unlearn -> evaluate -> report). Stages that are up to date
 are skipped by DVC itself.
 
 GPUs (params.yaml `ops.benchmark.gpus`): every task holds one GPU while it runs, given to its

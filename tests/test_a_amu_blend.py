@@ -160,7 +160,7 @@ def test_blend_stages_write_condensed_runs_and_report_them(tiny_params, tmp_path
     pipeline.prepare(params)
     pipeline.train_target(params)
     pipeline.retrain(params)
-    pipeline.relearn(params, "retrain")  # the reference of every evaluate stage's relearning attack
+    pipeline.evaluate_retrain(params)  # retrain's MIA and relearning attack: every evaluate stage's reference
     pipeline.unlearn(params, "finetune")
     pipeline.evaluate(params, "finetune")
     run_stage("unlearn", ["finetune", "--condense", "blend"])  # what dvc.yaml's unlearn_blend runs

@@ -229,30 +229,34 @@ def test_relearn_config_errors(tiny_params):
 
 @pytest.fixture()
 def stage_dir(tiny_setup, tiny_params, tmp_path, monkeypatch):
-    """A working folder holding what the relearn stages read: prepared data, retrain and one method."""
-    _, _, _, target, _ = tiny_setup
+    """A working folder holding what the evaluate stages read: prepared data, and retrain and one
+    method as models plus logits."""
+    from unlearnops.outputs import eval_parts, run_outputs
+
+    _, _, _, target, runtime = tiny_setup
     monkeypatch.chdir(tmp_path)
     params = copy.deepcopy(tiny_params)
     params["unlearn"]["methods"] = ["finetune"]
     params["condense"]["methods"] = []
+    params["evaluate"].update(n_boot=5, mia_models=2, mia_splits=2)
     params["relearn"].update(n_models=2, fit={**params["relearn"]["fit"], "epochs": 2, "batch_size": 4})
     data_lib.prepare(params, pipeline.PREPARED)
-    ModelStack.replicate(target, [0, 1, 2]).save(pipeline.RETRAIN / "models.pt")
-    ModelStack.replicate(target, [5, 6, 7]).save(pipeline.UNLEARNED / "finetune" / "models.pt")
+    parts = eval_parts(data_lib.load_prepared(pipeline.PREPARED), None, 0)
+    for folder, seeds in ((pipeline.RETRAIN, [0, 1, 2]), (pipeline.UNLEARNED / "finetune", [5, 6, 7])):
+        stack = ModelStack.replicate(target, seeds)
+        stack.save(folder / "models.pt")
+        run_outputs(stack, parts, runtime, 1.0).save(folder / "logits.npz")
     return params
 
 
-def test_relearn_stage_writes_metrics_with_the_retrain_reference(stage_dir):
+def test_evaluate_stages_write_relearning_metrics_with_the_retrain_reference(stage_dir):
     params = stage_dir
-    with pytest.raises(FileNotFoundError, match="run the relearn_retrain stage first"):
-        pipeline.relearn(params, "finetune")
-    with pytest.raises(ConfigError, match="unknown relearning target 'nope'; allowed: retrain, "):
-        pipeline.relearn(params, "nope")
+    with pytest.raises(FileNotFoundError, match="run the evaluate_retrain stage first"):
+        pipeline.evaluate(params, "finetune")
 
-    retrain = pipeline.relearn(params, "retrain")
-    method = pipeline.relearn(params, "finetune")
-    on_disk = json.loads((pipeline.METRICS / "relearn" / "finetune.json").read_text())
-    assert on_disk == json.loads(json.dumps(method))
+    retrain = pipeline.evaluate_retrain(params)["relearn"]
+    pipeline.evaluate(params, "finetune")
+    method = json.loads((pipeline.METRICS / "relearn" / "finetune.json").read_text())
     assert json.loads((pipeline.METRICS / "relearn" / "retrain.json").read_text())["name"] == "retrain"
     assert method["name"] == "finetune" and method["n_models"] == 2 and method["k"] == 2 and method["epochs"] == 2
     assert sum(method["fold_sizes"]) == len(data_lib.load_prepared(pipeline.PREPARED)["forget"])
@@ -264,26 +268,29 @@ def test_relearn_stage_writes_metrics_with_the_retrain_reference(stage_dir):
         assert entry["retrain"]["after"] == retrain["subsets"][key]["after"]
         assert entry["gap_to_retrain"] == pytest.approx(entry["after"]["mean"] - retrain["subsets"][key]["after"]["mean"])
     assert "retrain" not in retrain["subsets"]["F1"]
+    # retrain's MIA is computed once, by evaluate_retrain, and copied into every method's metrics.
+    retrain_mia = json.loads(pipeline.RETRAIN_MIA.read_text())
+    assert json.loads((pipeline.METRICS / "methods" / "finetune.json").read_text())["retrain_mia"] == retrain_mia
 
-    # The stage logged to MLflow under a run named for its target.
+    # Both stages logged the attack to their own MLflow run.
     import mlflow
 
-    runs = mlflow.search_runs(experiment_names=[params["mlflow"]["experiment"]], filter_string="tags.`unlearnops.stage` = 'relearn'")
-    assert set(runs["tags.mlflow.runName"]) == {"relearn-retrain", "relearn-finetune"}
-    assert "metrics.relearn.F1.after.mean" in runs.columns
+    runs = mlflow.search_runs(experiment_names=[params["mlflow"]["experiment"]], filter_string="tags.`unlearnops.stage` = 'evaluate'")
+    assert set(runs["tags.mlflow.runName"]) == {"evaluate-retrain", "evaluate-finetune"}
+    assert runs["metrics.relearn.F1.after.mean"].notna().all()
 
     # Results computed with other folds are refused rather than compared.
     params["relearn"]["fold_seed"] = 99
-    with pytest.raises(ConfigError, match="rerun the relearn_retrain stage"):
-        pipeline.relearn(params, "finetune")
+    with pytest.raises(ConfigError, match="rerun the evaluate_retrain stage"):
+        pipeline.evaluate(params, "finetune")
 
 
 def test_report_section_builds_table_and_plot(stage_dir):
     params = stage_dir
     with pytest.raises(FileNotFoundError, match="relearn/retrain.json not found"):
         report_relearn.build(params, pipeline.METRICS, pipeline.REPORTS)
-    pipeline.relearn(params, "retrain")
-    pipeline.relearn(params, "finetune")
+    pipeline.evaluate_retrain(params)
+    pipeline.evaluate(params, "finetune")
     paths = report_relearn.build(params, pipeline.METRICS, pipeline.REPORTS)
     assert [p.name for p in paths] == ["relearn.csv", "relearn.md", "relearn.png"]
 

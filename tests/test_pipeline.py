@@ -97,7 +97,7 @@ def test_mlflow_has_one_parent_and_nested_stage_runs(pipeline_run):
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     stages = {r.data.tags["unlearnops.stage"] for r in children}
-    assert stages == {"prepare", "target", "retrain", "unlearn", "evaluate", "relearn", "report"}
+    assert stages == {"prepare", "target", "retrain", "unlearn", "evaluate", "report"}
     retrain = next(r for r in children if r.data.tags["unlearnops.stage"] == "retrain")
     assert retrain.data.params["n_models"] == str(params["n_models"])
     assert "accuracy.test.mean" in retrain.data.metrics

@@ -82,8 +82,9 @@ def competition_score(unlearned: RunOutputs, retrained: RunOutputs, cfg: EvalCon
     return score, epsilons
 
 
-def evaluate_method(unlearned: RunOutputs, retrained: RunOutputs, params: dict) -> tuple[dict, dict]:
-    """Metrics of one method (for metrics JSON) and per-example arrays (for the report's plots)."""
+def evaluate_method(unlearned: RunOutputs, retrained: RunOutputs, retrain_mia: dict, params: dict) -> tuple[dict, dict]:
+    """Metrics of one method (for metrics JSON) and per-example arrays (for the report's plots).
+    `retrain_mia`: membership_inference(retrained) with the same settings, computed once per pipeline."""
     cfg = eval_config(params)
     acc_u, acc_r = accuracy_summary(unlearned), accuracy_summary(retrained)
     gaps = agreement.accuracy_gaps(
@@ -98,7 +99,7 @@ def evaluate_method(unlearned: RunOutputs, retrained: RunOutputs, params: dict) 
         "accuracy_gap": {**gaps["gaps"], "average": gaps["average_gap"]},
         **score,
         "mia": membership_inference(unlearned, cfg),
-        "retrain_mia": membership_inference(retrained, cfg),
+        "retrain_mia": retrain_mia,
         "seconds_per_model": seconds_u,
         "time_vs_retrain": seconds_u / seconds_r,
     }

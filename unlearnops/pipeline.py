@@ -28,6 +28,7 @@ RETRAIN = Path("models/retrain")
 UNLEARNED = Path("models/unlearned")
 METRICS = Path("metrics")
 EVALUATION = Path("evaluation")
+RETRAIN_MIA = METRICS / "retrain_mia.json"  # the evaluate_retrain stage: retrain's membership inference
 REPORTS = Path("reports")
 
 
@@ -137,18 +138,34 @@ def unlearn(params: dict, method_name: str, condense: str | None = None) -> dict
     return {"seconds_per_model": wall / stack.n}
 
 
+def evaluate_retrain(params: dict) -> dict:
+    """The retrained models' own evidence, computed once for every `evaluate` stage to compare
+    with: their membership inference and the relearning attack on them."""
+    from unlearnops import evaluation
+
+    retrained = RunOutputs.load(RETRAIN / "logits.npz")
+    logged = {"method": "retrain", "evaluate": params["evaluate"], "relearn": params["relearn"]}
+    with tracking.stage_run(params, "evaluate", logged, run_name="evaluate-retrain") as (mlflow, _):
+        mia = evaluation.membership_inference(retrained, evaluation.eval_config(params))
+        write_json(RETRAIN_MIA, mia)
+        mlflow.log_metrics(tracking.flatten({"mia": mia}))
+        relearn = _relearning_attack(params, "retrain", RETRAIN / "models.pt", None, mlflow)
+    return {"mia": mia, "relearn": relearn}
+
+
 def evaluate(params: dict, method_name: str, condense: str | None = None) -> dict:
-    """The evidence for one unlearning run: accuracies, the competition score, membership
-    inference (evaluation.evaluate_method) and the relearning attack, in one MLflow run."""
+    """The evidence for one unlearning run, against retrain's: accuracies, the competition score,
+    membership inference (evaluation.evaluate_method) and the relearning attack, in one MLflow run."""
     from unlearnops import evaluation
 
     methods.get_method(method_name, params)  # unknown names fail with the allowed list
     name = run_name(method_name, condense)
     unlearned = RunOutputs.load(UNLEARNED / name / "logits.npz")
     retrained = RunOutputs.load(RETRAIN / "logits.npz")
-    retrain_relearn = _read_json(METRICS / "relearn" / "retrain.json", "relearn_retrain")
+    retrain_mia = _read_json(RETRAIN_MIA, "evaluate_retrain")
+    retrain_relearn = _read_json(METRICS / "relearn" / "retrain.json", "evaluate_retrain")
     with tracking.stage_run(params, "evaluate", {"method": name, "evaluate": params["evaluate"], "relearn": params["relearn"]}, run_name=f"evaluate-{name}") as (mlflow, _):
-        metrics, arrays = evaluation.evaluate_method(unlearned, retrained, params)
+        metrics, arrays = evaluation.evaluate_method(unlearned, retrained, retrain_mia, params)
         result = {"method": name, **metrics}
         if condense is not None:  # the retain-set sizes before and after condensing
             result["condense"] = json.loads((UNLEARNED / name / "condense.json").read_text())
@@ -158,17 +175,6 @@ def evaluate(params: dict, method_name: str, condense: str | None = None) -> dic
         mlflow.log_metrics({k: v for k, v in tracking.flatten(result).items() if isinstance(v, (int, float))})
         _relearning_attack(params, name, UNLEARNED / name / "models.pt", retrain_relearn, mlflow)
     return result
-
-
-def relearn(params: dict, name: str) -> dict:
-    """The `relearn_retrain` stage (name `retrain`): the relearning attack on the retrained models,
-    the reference every method's attack (run by `evaluate`) is compared with. Any method name
-    attacks that method's models the same way."""
-    choose(name, ["retrain", *methods.available()], "relearning target")
-    retrain_result = None if name == "retrain" else _read_json(METRICS / "relearn" / "retrain.json", "relearn_retrain")
-    checkpoint = RETRAIN / "models.pt" if name == "retrain" else UNLEARNED / name / "models.pt"
-    with tracking.stage_run(params, "relearn", {"target": name, "relearn": params["relearn"]}, run_name=f"relearn-{name}") as (mlflow, _):
-        return _relearning_attack(params, name, checkpoint, retrain_result, mlflow)
 
 
 def _relearning_attack(params: dict, name: str, checkpoint: Path, retrain_result: dict | None, mlflow) -> dict:

@@ -1,6 +1,6 @@
 """The report's relearning section: a table (Markdown + CSV) and a plot of the relearning attack.
 
-Reads metrics/relearn/<name>.json for retrain (the `relearn_retrain` stage) and every unlearning
+Reads metrics/relearn/<name>.json for retrain (the `evaluate_retrain` stage) and every unlearning
 run (its `evaluate` stage); `report.build` calls `build`.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from unlearnops.pipeline import run_names
 def _read(metrics_dir: Path, name: str) -> dict:
     path = metrics_dir / "relearn" / f"{name}.json"
     if not path.is_file():
-        stage = "the relearn_retrain stage" if name == "retrain" else f"the evaluate stage of {name}"
+        stage = "the evaluate_retrain stage" if name == "retrain" else f"the evaluate stage of {name}"
         raise FileNotFoundError(f"{path} not found (run {stage} first)")
     return json.loads(path.read_text())
 

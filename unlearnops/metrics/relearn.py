@@ -100,7 +100,7 @@ def with_retrain_reference(result: dict, retrain: dict) -> dict:
     (method after attack - retrain after attack). Both must come from the same folds."""
     for key in ("k", "fold_seed", "fold_sizes", "epochs"):
         if result[key] != retrain[key]:
-            raise ConfigError(f"the retrain relearning result has {key}={retrain[key]} but this run has {result[key]}; rerun the relearn_retrain stage")
+            raise ConfigError(f"the retrain relearning result has {key}={retrain[key]} but this run has {result[key]}; rerun the evaluate_retrain stage")
     subsets = {}
     for key, entry in result["subsets"].items():
         reference = retrain["subsets"][key]

@@ -655,3 +655,22 @@ def test_benchmark_flow_runs_the_dvc_pipeline_in_parallel(repo_copy, repo_params
     parent = [r for r in runs if r.data.tags.get("orchestrator") == "prefect"]
     assert len(parent) == 1
     assert sum(r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id for r in runs) >= len(rows)
+
+
+def test_each_configure_uses_its_own_params_store_unless_the_user_set_one(tiny_params, tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a later configure with other params
+    must still use their store, while a store the user exported wins."""
+    import copy
+
+    from unlearnops import tracking
+
+    other = copy.deepcopy(tiny_params)
+    other["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/other.db"
+    assert tracking.configure(tiny_params).get_tracking_uri() == tiny_params["mlflow"]["tracking_uri"]
+    assert tracking.configure(other).get_tracking_uri() == other["mlflow"]["tracking_uri"]
+    user_store = f"sqlite:///{tmp_path}/user.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", user_store)
+    assert tracking.configure(tiny_params).get_tracking_uri() == user_store
+    assert tracking.configure(other).get_tracking_uri() == user_store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # back to params' store (mlflow exports it again)
+    assert tracking.configure(other).get_tracking_uri() == other["mlflow"]["tracking_uri"]

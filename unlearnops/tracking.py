@@ -18,14 +18,30 @@ PARENT_ENV = "UNLEARNOPS_PARENT_RUN_ID"
 MODEL_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]
 
 
+# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (for subprocesses), so the variable
+# only means "the user chose a store" if this process did not put it there itself.
+_last_uri: str | None = None
+_last_uri_from_env = False
+
+
+def _tracking_uri(params: dict) -> tuple[str, bool]:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and (env != _last_uri or _last_uri_from_env):
+        return env, True
+    return params["mlflow"]["tracking_uri"], False
+
+
 def configure(params: dict):
-    """Point MLflow at the store and experiment from params (env var wins); returns mlflow."""
+    """Point MLflow at the store and experiment from params (MLFLOW_TRACKING_URI, if the user set
+    it, wins); returns mlflow."""
+    global _last_uri, _last_uri_from_env
     logging.getLogger("alembic").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     cfg = params["mlflow"]
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg["tracking_uri"])
+    _last_uri, _last_uri_from_env = _tracking_uri(params)
+    mlflow.set_tracking_uri(_last_uri)
     if mlflow.get_experiment_by_name(cfg["experiment"]) is None:
         artifacts = Path(cfg["artifact_root"]).resolve().as_uri()
         mlflow.create_experiment(cfg["experiment"], artifact_location=artifacts)

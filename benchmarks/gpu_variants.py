@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
-from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.bench_training import bf16_matmul_tflops, training_flops
 from unlearnops.nets import build_model
 
 SPEC = {"arch": "resnet18", "num_classes": 10, "in_channels": 3, "image_size": 32, "options": {"small_input_stem": True}}
@@ -113,24 +113,9 @@ def ideal_variant(n: int):
 def main() -> None:
     torch.backends.cudnn.benchmark = True
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn_like(a)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    log(what="bf16 matmul TFLOP/s", value=10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12)
-    del a, b
-    model = build_model(SPEC, 0)
-    with FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, 32, 32))
-    forward = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, 32, 32)).sum().backward()
-    log(what="resnet18 FLOPs per image", forward=forward, fwd_bwd=counter.get_total_flops())
+    log(what="bf16 matmul TFLOP/s", value=bf16_matmul_tflops())
+    forward, fwd_bwd = training_flops(SPEC)
+    log(what="resnet18 FLOPs per image", forward=forward, fwd_bwd=fwd_bwd)
     variants = {"loop": loop_variant, "ideal": ideal_variant, "vmap": vmap_variant,
                 "vmap_cl": lambda n: vmap_variant(n, channels_last=True), "compile_cl": lambda n: vmap_variant(n, True, True)}
     for name, n in PLAN:

@@ -65,7 +65,7 @@ def tiny_params(repo_params, tmp_path) -> dict:
     return params
 
 
-def make_setup(params: dict, out: Path, target_epochs: int = 15):
+def make_setup(params: dict, out: Path, target_epochs: int = 15, batch_size: int = 32):
     """Prepare data in `out` and train a target model: (params, data, unlearn_data, target, runtime)."""
     params["data"]["deleted"] = str(out / "deleted.csv")
     data_lib.prepare(params, out)
@@ -73,7 +73,7 @@ def make_setup(params: dict, out: Path, target_epochs: int = 15):
     runtime = Runtime.from_params(params)
     spec = model_spec(params, data.num_classes, data.in_channels, data.image_size)
     cfg = FitConfig(**{**params["train"]["fit"], "epochs": target_epochs})
-    target, _ = train_from_scratch(spec, [0], Stream(data["train"].x, data["train"].y, 32), cfg, runtime, "target")
+    target, _ = train_from_scratch(spec, [int(params["train"]["seed"])], Stream(data["train"].x, data["train"].y, batch_size), cfg, runtime, "target")
     unlearn_data = UnlearnData(data["retain"], data["forget"], data["val"], data.num_classes, augment=False)
     return params, data, unlearn_data, target, runtime
 
@@ -93,6 +93,23 @@ def class_forget_setup(repo_params, tmp_path_factory):
     params = tiny(repo_params)
     params["forget"].update(mode="class", **{"class": 1})
     return make_setup(params, tmp_path_factory.mktemp("prepared_class"))
+
+
+@pytest.fixture(scope="session")
+def digits_default_setup(repo_params, tmp_path_factory):
+    """The default setting exactly as params.yaml gives it (digits, its forget set, the default
+    architecture and training), with a target and `retrain.seed`'s first 4 retrained models:
+    what whole-method tests with the users' default hyperparameters compare against.
+
+    Returns (params, data, unlearn_data, target_stack, retrained_stack, runtime)."""
+    params = copy.deepcopy(repo_params)
+    out = tmp_path_factory.mktemp("digits_default")
+    params, data, unlearn_data, target, runtime = make_setup(params, out, params["train"]["fit"]["epochs"], params["train"]["fit"]["batch_size"])
+    spec = model_spec(params, data.num_classes, data.in_channels, data.image_size)
+    fit = params["train"]["fit"]
+    seeds = [int(params["retrain"]["seed"]) + i for i in range(4)]
+    retrained, _ = train_from_scratch(spec, seeds, Stream(data["retain"].x, data["retain"].y, fit["batch_size"]), FitConfig(**fit), runtime, "retrain")
+    return params, data, unlearn_data, target, retrained, runtime
 
 
 def accuracy(stack, part, runtime) -> torch.Tensor:

@@ -26,6 +26,33 @@ def small_cnn(in_channels: int, num_classes: int, image_size: int, width: int = 
     )
 
 
+def small_resnet(in_channels: int, num_classes: int, image_size: int, widths: tuple[int, ...] = (16, 32, 64)) -> nn.Module:
+    """A small ResNet with BatchNorm: a 3x3 stem, then one torchvision BasicBlock per width
+    (stride 2 from the second on), global average pooling and a linear head.
+
+    The competition's methods were written for ResNet-18 and lean on its BatchNorm to recover
+    from weight surgery (transposed or re-initialised kernels); this keeps that structure at a
+    size the 2-core default trains in seconds."""
+    from torchvision.models.resnet import BasicBlock
+
+    widths = tuple(int(w) for w in widths)
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+    inplanes = widths[0]
+    for i, planes in enumerate(widths):
+        stride = 1 if i == 0 else 2
+        downsample = None
+        if stride != 1 or inplanes != planes:
+            downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+        layers.append(BasicBlock(inplanes, planes, stride, downsample))
+        inplanes = planes
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inplanes, num_classes)]
+    model = nn.Sequential(*layers)
+    for m in model.modules():  # torchvision's ResNet initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
 def resnet18(in_channels: int, num_classes: int, image_size: int, small_input_stem: bool = True) -> nn.Module:
     """torchvision's ResNet-18; the 32x32 stem (3x3 conv, no max-pool) suits CIFAR-sized input."""
     from torchvision.models import resnet18 as tv_resnet18
@@ -65,7 +92,7 @@ def random_features(in_channels: int, num_classes: int, image_size: int, feature
     return RandomFeatures(in_channels * image_size * image_size, num_classes, features, lengthscale, seed)
 
 
-ARCHITECTURES = {"small_cnn": small_cnn, "resnet18": resnet18, "random_features": random_features}
+ARCHITECTURES = {"small_resnet": small_resnet, "small_cnn": small_cnn, "resnet18": resnet18, "random_features": random_features}
 
 
 def head_name(model: nn.Module) -> str:

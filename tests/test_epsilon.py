@@ -216,29 +216,37 @@ def _method_inputs(rng, n_models, n_examples, shift, acc=0.9):
     return u, r, accs
 
 
-def test_bootstrap_reproducible_ordered_and_shrinks():
+def test_intervals_hold_their_estimates_and_shrink_with_more_examples():
     rng = np.random.default_rng(11)
-    small = _method_inputs(rng, 16, 12, shift=1.0)
-    large = _method_inputs(rng, 128, 12, shift=1.0)
-    a = E.bootstrap_scores(*small, n_boot=12, seed=5)
-    assert a == E.bootstrap_scores(*small, n_boot=12, seed=5)
-    b = E.bootstrap_scores(*large, n_boot=12, seed=5)
-    for result in (a, b):
-        assert result["final_score"]["low"] <= result["final_score"]["high"]
-        assert 0 <= result["forget_quality"]["low"] <= result["forget_quality"]["high"] <= 1
-    width = {n: r["final_score"]["high"] - r["final_score"]["low"] for n, r in ((16, a), (128, b))}
-    assert width[128] < 0.75 * width[16]
+    results = {}
+    for n_examples in (16, 256):
+        u, r, accs = _method_inputs(rng, 16, n_examples, shift=1.0)
+        eps = E.per_example_epsilons(u, r)
+        results[n_examples] = E.scores_with_intervals(eps, 16, accs)
+        F = E.forget_quality(eps, 16)["forget_quality"]
+        assert results[n_examples]["forget_quality"]["estimate"] == F  # the plain score, not a resampled one
+        assert results[n_examples]["final_score"]["estimate"] == E.final_score(F, *(accs[k] for k in E.ACCURACY_KEYS))
+        for key in ("forget_quality", "final_score"):
+            s = results[n_examples][key]
+            assert s["low"] < s["estimate"] < s["high"]
+    # 16x the examples: about a quarter of the width (the interval is over forget examples).
+    width = {n: r["forget_quality"]["high"] - r["forget_quality"]["low"] for n, r in results.items()}
+    assert 0.15 < width[256] / width[16] < 0.4
+    assert results[256]["interval"]["n_examples"] == 256 and results[256]["interval"]["n_models"] == 16
 
 
-def test_bootstrap_final_uses_each_models_accuracy():
-    # Every U example fully separated from R -> F = 0 in every replicate, so Final = 0 too.
-    u = np.zeros((8, 2)) + np.arange(8)[:, None] * 0.1
-    r = u + 100.0
+def test_final_interval_is_the_f_interval_times_the_accuracy_ratios():
+    u = np.random.default_rng(1).normal(size=(8, 40))
+    r = np.random.default_rng(2).normal(0.5, 1, size=(8, 40))
     accs = {k: np.linspace(0.5, 1.0, 8) for k in E.ACCURACY_KEYS}
-    result = E.bootstrap_scores(u, r, accs, n_boot=5, seed=0)
-    assert result["final_score"] == {"estimate": 0.0, "low": 0.0, "high": 0.0, "bootstrap_mean": 0.0}
+    accs["test_unlearned"] = accs["test_unlearned"] * 0.8  # test ratio 0.8, retain ratio 1
+    result = E.scores_with_intervals(E.per_example_epsilons(u, r), 8, accs)
+    for side in ("estimate", "low", "high"):
+        assert result["final_score"][side] == pytest.approx(0.8 * result["forget_quality"][side], rel=1e-12)
     with pytest.raises(ValueError, match="one accuracy per model"):
-        E.bootstrap_scores(u, r, {**accs, "test_retrained": np.ones(7)}, n_boot=2)
+        E.scores_with_intervals(np.zeros(40), 8, {**accs, "test_retrained": np.ones(7)})
+    with pytest.raises(ValueError, match="NaN or inf"):
+        E.scores_with_intervals(np.zeros(40), 8, {**accs, "test_retrained": np.full(8, np.nan)})
 
 
 def test_ranking_stability_table():

@@ -1,7 +1,8 @@
 """Evaluation of one method's N unlearned models against the N retrained models.
 
 Reads stored logits only. Computes what the report shows about one method: accuracy per
-split, the competition's forgetting quality F and Final score (with bootstrap intervals),
+split, the competition's forgetting quality F and Final score (with intervals over the forget
+examples),
 membership inference (loss attack, MIA-efficacy) beside the retrained models' values,
 agreement with retraining, and time.
 """
@@ -21,7 +22,6 @@ class EvalConfig:
 
     seed: int
     retain_max_samples: int | None
-    n_boot: int
     interval_level: float
     mia_models: int
     mia_splits: int
@@ -60,7 +60,8 @@ def membership_inference(run: RunOutputs, cfg: EvalConfig) -> dict:
 
 
 def competition_score(unlearned: RunOutputs, retrained: RunOutputs, cfg: EvalConfig) -> tuple[dict, np.ndarray]:
-    """F and Final with bootstrap intervals; also returns the per-example epsilons."""
+    """F and Final with intervals over the forget examples (`epsilon.scores_with_intervals`:
+    models fixed, so they do not include model-sampling noise); also returns the per-example epsilons."""
     conf_u, conf_r = forget_confidences(unlearned), forget_confidences(retrained)
     n = min(unlearned.n_models, retrained.n_models)  # the score pairs N unlearned with N retrained
     conf_u, conf_r = conf_u[:n], conf_r[:n]
@@ -71,11 +72,10 @@ def competition_score(unlearned: RunOutputs, retrained: RunOutputs, cfg: EvalCon
         "test_retrained": retrained.accuracy("test")[:n],
     }
     epsilons = epsilon.per_example_epsilons(conf_u, conf_r)
-    boot = epsilon.bootstrap_scores(conf_u, conf_r, accuracies, n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.interval_level)
+    scores = epsilon.scores_with_intervals(epsilons, n, accuracies, level=cfg.interval_level)
     score = {
         "n_models_scored": n,
-        "forget_quality": boot["forget_quality"],
-        "final_score": boot["final_score"],
+        **scores,
         "epsilon_mean": float(epsilons.mean()),
         "js_divergence_mean": float(agreement.js_divergence_per_example(conf_u, conf_r, cfg.js_bins).mean()),
     }
@@ -111,7 +111,8 @@ def retrain_noise_floor(retrained: RunOutputs, params: dict) -> dict:
     """The score of retraining itself: half of the retrained models scored against the other half.
 
     With finite N even two sets of identically trained models are told apart on some
-    examples, so this is the best F a method can reach at N/2 models (a reference row).
+    examples, so this is the best F a method can reach at N/2 models (a reference row). Its
+    interval is the same kind as a method's (forget examples, models fixed) and holds its estimate.
     """
     cfg = eval_config(params)
     half = retrained.n_models // 2

@@ -6,6 +6,7 @@ released `metric.py`). Pipeline:
     logits --logit_scaled_confidence--> confidences [N_models, n_examples]
     (unlearned U, retrained R) --per_example_epsilons--> epsilon per forget example
     epsilons --forget_quality--> F;   F and accuracies --final_score--> Final
+    epsilons and accuracies --scores_with_intervals--> F and Final with intervals over forget examples
 
 `epsilon_reference.py` holds a direct, slow port of the released per-example loop; both
 files build their threshold grids with the helpers below so that they test the exact same
@@ -32,6 +33,7 @@ from functools import lru_cache
 
 import numpy as np
 import pandas as pd
+from scipy import special, stats
 
 from unlearnops.files import write_json
 
@@ -155,7 +157,7 @@ def _check_confidences(unlearned, retrained) -> tuple[np.ndarray, np.ndarray]:
     return unlearned, retrained
 
 
-@lru_cache(maxsize=8)  # bootstrap and ranking runs rescore with the same N many times
+@lru_cache(maxsize=8)  # ranking runs rescore with the same N many times
 def _epsilon_table(n_models: int, delta: float) -> np.ndarray:
     """Epsilon of one threshold for every (false-positive count, false-negative count).
 
@@ -338,44 +340,75 @@ def _check_accuracies(accuracies: Mapping, n_models: int) -> dict:
     for k, v in out.items():
         if v.shape != (n_models,):
             raise ValueError(f"accuracies[{k!r}] must hold one accuracy per model ({n_models}); got {v.shape[0]}")
+        if not np.isfinite(v).all():
+            raise ValueError(f"accuracies[{k!r}] contains NaN or inf (is that split empty?)")
     return out
 
 
-def bootstrap_scores(
-    conf_unlearned, conf_retrained, accuracies: Mapping, n_boot: int = 100, seed: int = 0, level: float = 0.95
-) -> dict:
-    """Percentile bootstrap intervals for F and Final, resampling models.
+def mean_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """Interval for the population mean of values in [0, 1] (per-example points): a Student-t
+    interval on the logit scale, mapped back.
 
-    U and R model indices are drawn with replacement, independently; each unlearned model
-    keeps its own retain/test accuracy (accuracies: per-model arrays under ACCURACY_KEYS).
-    Each replicate re-scores every example, so the cost is n_boot full scorings.
-
-    Caution: a resample repeats models, and repeated values make the threshold attacks
-    stronger, so replicates score F lower than the full sample does. The percentile
-    interval can then lie wholly below the estimate (seen with U and R from the same
-    distribution); compare `bootstrap_mean` with `estimate` to see the shift.
+    With m the mean, s the sample standard deviation and n values, the delta method gives
+    logit(m)'s standard error as s / (sqrt(n) m (1 - m)); the interval is
+    expit(logit(m) -+ t_{n-1} * that). It lies in [0, 1] and contains m by construction, and it
+    reaches further above m than below when m is small: per-example points are right-skewed
+    there (a few examples score far more than most), which is where the plain t interval fell
+    short in benchmarks/interval_coverage.py. Degenerate samples:
+    - all values equal (s = 0; m = 0 and m = 1 happen only so): zero width, [m, m]; the
+      sample shows no spread to scale an interval by;
+    - one value: no spread can be estimated, so the interval is the whole range [0, 1].
     """
-    unlearned, retrained = _check_confidences(conf_unlearned, conf_retrained)
-    n_models = unlearned.shape[0]
-    accuracies = _check_accuracies(accuracies, n_models)
-    if n_boot < 1 or not 0 < level < 1:
-        raise ValueError(f"need n_boot >= 1 and 0 < level < 1; got n_boot={n_boot}, level={level}")
-    all_models = np.arange(n_models)
-    F, final = _score(unlearned, retrained, accuracies, all_models, all_models)
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D array; got shape {values.shape}")
+    if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+        raise ValueError(f"values must lie in [0, 1]; got min {values.min()} and max {values.max()}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie strictly between 0 and 1; got {level}")
+    mean, n = float(values.mean()), values.size
+    if n == 1:
+        return 0.0, 1.0
+    spread = float(values.std(ddof=1))
+    if spread == 0 or mean in (0.0, 1.0):  # m reaches 0 or 1 only when all values are equal (up to rounding)
+        return mean, mean
+    half_width = stats.t.ppf((1 + level) / 2, n - 1) * spread / np.sqrt(n) / (mean * (1 - mean))
+    centre = special.logit(mean)
+    # min / max only absorb the rounding of expit(logit(m)), which can land a few ulps off m.
+    return min(float(special.expit(centre - half_width)), mean), max(float(special.expit(centre + half_width)), mean)
 
-    rng = np.random.default_rng(seed)
-    replicates = np.array([
-        _score(unlearned, retrained, accuracies, rng.integers(0, n_models, n_models), rng.integers(0, n_models, n_models))
-        for _ in range(n_boot)
-    ])
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(replicates, [tail, 100 - tail], axis=0)
-    mean = replicates.mean(axis=0)
+
+def scores_with_intervals(epsilons, n_models: int, accuracies: Mapping, level: float = 0.95) -> dict:
+    """F and Final, each with an interval over the sampling of forget examples, models fixed.
+
+    F is the mean of per-example points, so its interval is `mean_interval` of those points.
+    Final = F x (retain ratio) x (test ratio); the ratios average each model's accuracy over
+    thousands of retain and test examples and are held fixed, so Final's interval is F's scaled by
+    them. What the interval covers: which forget examples were drawn, given THESE N unlearned and N
+    retrained models. It does not cover model-sampling noise, and F itself depends on N (more
+    models, more bins and stronger attacks): compare methods at the same N, and see
+    `ranking_stability` and benchmarks/interval_coverage.py for the dependence on N.
+
+    epsilons: per-example epsilons from `per_example_epsilons`; accuracies: per-model arrays under
+    ACCURACY_KEYS. Returns {forget_quality, final_score: {estimate, low, high}, interval: {...}},
+    with low <= estimate <= high, all finite; the estimates are the plain scores.
+    """
+    accuracies = _check_accuracies(accuracies, n_models)
+    points = forget_quality(epsilons, n_models)["per_example_points"]
+    F = float(points.mean())
+    low, high = mean_interval(points, level)
+    # One formula for all three values: scaling by the (non-negative) ratios keeps their order.
+    final_low, final, final_high = (final_score(x, *(accuracies[k] for k in ACCURACY_KEYS)) for x in (low, F, high))
     return {
-        "forget_quality": {"estimate": F, "low": float(low[0]), "high": float(high[0]), "bootstrap_mean": float(mean[0])},
-        "final_score": {"estimate": final, "low": float(low[1]), "high": float(high[1]), "bootstrap_mean": float(mean[1])},
-        "n_boot": n_boot,
-        "level": level,
+        "forget_quality": {"estimate": F, "low": low, "high": high},
+        "final_score": {"estimate": final, "low": final_low, "high": final_high},
+        "interval": {
+            "method": "logit-scale Student t over per-example points",
+            "level": level,
+            "covers": "the draw of forget examples, given these models (not model-sampling noise)",
+            "n_examples": int(points.size),
+            "n_models": int(n_models),
+        },
     }
 
 

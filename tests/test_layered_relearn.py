@@ -238,7 +238,7 @@ def stage_dir(tiny_setup, tiny_params, tmp_path, monkeypatch):
     params = copy.deepcopy(tiny_params)
     params["unlearn"]["methods"] = ["finetune"]
     params["condense"]["methods"] = []
-    params["evaluate"].update(n_boot=5, mia_models=2, mia_splits=2)
+    params["evaluate"].update(mia_models=2, mia_splits=2)
     params["relearn"].update(n_models=2, fit={**params["relearn"]["fit"], "epochs": 2, "batch_size": 4})
     data_lib.prepare(params, pipeline.PREPARED)
     parts = eval_parts(data_lib.load_prepared(pipeline.PREPARED), None, 0)

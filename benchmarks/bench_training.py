@@ -14,7 +14,7 @@ values, augmentation on) on CUDA: time per epoch and per model, images/s and the
 GPU's bf16 peak, for the naive loop (nn.Module, channels-last, bf16 autocast) and the engine at
 N=1 and at large N.
 
-    PYTHONPATH=. python benchmarks/bench_training.py [--quick] [--threads 1] [--archs small_resnet small_resnet:8,16,32 small_cnn]
+    PYTHONPATH=. python benchmarks/bench_training.py [--quick] [--threads 1] [--archs small_resnet small_resnet:widths=8,16,32 small_cnn]
     PYTHONPATH=. python benchmarks/bench_training.py --gpu-resnet
 """
 from __future__ import annotations
@@ -91,12 +91,14 @@ def digits_setup(params: dict):
 
 
 def arch_spec(spec: dict, params: dict, arch: str) -> dict:
-    """`spec` for another architecture: "small_cnn", "small_resnet" (params.yaml's options) or
-    "small_resnet:8,16,32" (those widths)."""
-    name, _, widths = arch.partition(":")
+    """`spec` for another architecture: "small_cnn", "small_resnet" (params.yaml's options), or
+    with options replaced: "small_resnet:widths=8,16,32:stem_stride=2"."""
+    name, *overrides = arch.split(":")
     options = dict(params["model"].get(name) or {})
-    if widths:
-        options["widths"] = [int(w) for w in widths.split(",")]
+    for override in overrides:
+        key, _, value = override.partition("=")
+        numbers = [int(v) for v in value.split(",")]
+        options[key] = numbers if "," in value or isinstance(options.get(key), list) else numbers[0]
     return {**spec, "arch": name, "options": options}
 
 
@@ -183,13 +185,13 @@ def training_flops(spec: dict) -> tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_model(spec, 0)
-    image = torch.randn(1, spec["in_channels"], spec["image_size"], spec["image_size"])
+    images = torch.randn(2, spec["in_channels"], spec["image_size"], spec["image_size"])  # 2: training BatchNorm needs more than one value
     with FlopCounterMode(display=False) as counter:
-        model(image)
-    forward = counter.get_total_flops()
+        model(images)
+    forward = counter.get_total_flops() / 2
     with FlopCounterMode(display=False) as counter:
-        model(image).sum().backward()
-    return forward, counter.get_total_flops()
+        model(images).sum().backward()
+    return forward, counter.get_total_flops() / 2
 
 
 def cpu_matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -271,7 +273,7 @@ def main() -> None:
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--quick", action="store_true", help="N = 1, 8, 64, one repeat, no accuracy table")
     parser.add_argument("--archs", nargs="+", default=["small_resnet", "small_cnn"],
-                        help="CPU mode: architectures side by side; small_resnet:8,16,32 sets small_resnet's widths")
+                        help="CPU mode: architectures side by side; small_resnet:widths=8,16,32:stem_stride=2 replaces options")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="CPU mode: N values (default 1 8 64 256; --quick: 1 8 64)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs timed per measurement (CPU mode)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating measurements per N (CPU mode)")

@@ -79,8 +79,10 @@ class FitConfig:
         choose(self.schedule, SCHEDULES, "lr schedule")
         if self.epochs < 0 or self.batch_size < 1 or self.lr < 0:
             raise ConfigError(f"bad training settings: epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}")
-        if self.stop_patience < 0 or (self.stop_patience > 0 and not self.stop_tolerance > 0):
-            raise ConfigError(f"bad stopping rule: stop_patience={self.stop_patience} (0 = off) needs stop_tolerance > 0, got {self.stop_tolerance}")
+        if self.stop_patience < 0:
+            raise ConfigError(f"stop_patience must be >= 0 (0 = off), got {self.stop_patience}")
+        if self.stop_patience > 0 and not self.stop_tolerance > 0:
+            raise ConfigError(f"stop_patience={self.stop_patience} needs stop_tolerance > 0, got {self.stop_tolerance}")
 
 
 @dataclass
@@ -527,13 +529,14 @@ class _StoppingRule:
         self.converged = torch.zeros(stack.n, dtype=torch.bool)
         self.calm = torch.zeros(stack.n, dtype=torch.long)  # consecutive epochs of changes below the tolerance
         self.final = {k: v.detach().clone() for k, v in {**params, **buffers}.items()}  # converged models' state
+        self.accuracy = torch.zeros(stack.n, len(parts))  # [N, parts], at the last measurement
         self.accuracy = self._measure(params, buffers)
 
     def _measure(self, params: dict, buffers: dict) -> torch.Tensor:
         """[N, parts] accuracies of the models still training (converged ones keep their last)."""
         active = (~self.converged).nonzero().flatten().tolist()
         models = ModelStack(self.spec, {k: v.detach() for k, v in params.items()}, buffers, self.seeds).select(active)
-        accuracy = self.accuracy.clone() if self.converged.any() else torch.zeros(len(self.seeds), len(self.parts))
+        accuracy = self.accuracy.clone()
         for j, (x, y) in enumerate(self.parts.values()):
             accuracy[active, j] = (predict(models, x, self.runtime).argmax(-1) == y.cpu()).float().mean(1)
         return accuracy

@@ -92,7 +92,7 @@ def digits_setup(params: dict):
 
 def arch_spec(spec: dict, params: dict, arch: str) -> dict:
     """`spec` for another architecture: "small_cnn", "small_resnet" (params.yaml's options), or
-    with options replaced: "small_resnet:widths=8,16,32:stem_stride=2"."""
+    with options replaced: "small_resnet:widths=8,16,32" (several: "name:key=value:key=value")."""
     name, *overrides = arch.split(":")
     options = dict(params["model"].get(name) or {})
     for override in overrides:
@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--quick", action="store_true", help="N = 1, 8, 64, one repeat, no accuracy table")
     parser.add_argument("--archs", nargs="+", default=["small_resnet", "small_cnn"],
-                        help="CPU mode: architectures side by side; small_resnet:widths=8,16,32:stem_stride=2 replaces options")
+                        help="CPU mode: architectures side by side; small_resnet:widths=8,16,32 replaces an option")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="CPU mode: N values (default 1 8 64 256; --quick: 1 8 64)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs timed per measurement (CPU mode)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating measurements per N (CPU mode)")

@@ -26,9 +26,9 @@ def small_cnn(in_channels: int, num_classes: int, image_size: int, width: int = 
     )
 
 
-def small_resnet(in_channels: int, num_classes: int, image_size: int, widths: tuple[int, ...] = (16, 32, 64), stem_stride: int = 1) -> nn.Module:
-    """A small ResNet with BatchNorm: a 3x3 stem (stride `stem_stride`), then one torchvision
-    BasicBlock per width (stride 2 from the second on), global average pooling and a linear head.
+def small_resnet(in_channels: int, num_classes: int, image_size: int, widths: tuple[int, ...] = (16, 32, 64)) -> nn.Module:
+    """A small ResNet with BatchNorm: a 3x3 stem, then one torchvision BasicBlock per width
+    (stride 2 from the second on), global average pooling and a linear head.
 
     The competition's methods were written for ResNet-18 and lean on its BatchNorm to recover
     from weight surgery (transposed or re-initialised kernels); this keeps that structure at a
@@ -36,8 +36,7 @@ def small_resnet(in_channels: int, num_classes: int, image_size: int, widths: tu
     from torchvision.models.resnet import BasicBlock
 
     widths = tuple(int(w) for w in widths)
-    stem = nn.Conv2d(in_channels, widths[0], 3, stride=int(stem_stride), padding=1, bias=False)
-    layers: list[nn.Module] = [stem, nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
     inplanes = widths[0]
     for i, planes in enumerate(widths):
         stride = 1 if i == 0 else 2

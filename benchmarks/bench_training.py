@@ -1,7 +1,8 @@
 """How fast does the engine train N models, against training them one by one?
 
-Default mode (CPU or whatever `runtime` in params.yaml selects): the default small CNN on the
-digits train split with params.yaml's train.fit, for N = 1, 8, 64, 256 models. The naive
+Default mode (CPU or whatever `runtime` in params.yaml selects): the default small_resnet and
+small_cnn side by side (`--archs`) on the digits train split with params.yaml's train.fit, for
+N = 1, 8, 64, 256 models. The naive
 baseline is the loop everybody writes first: per model an nn.Module, torch.optim and a shuffled
 pass over in-memory tensors (no DataLoader, so the baseline is as fast as a plain loop gets).
 Both sides are timed over `--epochs` epochs (at least 8/N), alternately, `--repeats` times
@@ -13,7 +14,7 @@ values, augmentation on) on CUDA: time per epoch and per model, images/s and the
 GPU's bf16 peak, for the naive loop (nn.Module, channels-last, bf16 autocast) and the engine at
 N=1 and at large N.
 
-    PYTHONPATH=. python benchmarks/bench_training.py [--quick] [--threads 1]
+    PYTHONPATH=. python benchmarks/bench_training.py [--quick] [--threads 1] [--archs small_resnet small_resnet:widths=8,16,32 small_cnn]
     PYTHONPATH=. python benchmarks/bench_training.py --gpu-resnet
 """
 from __future__ import annotations
@@ -89,55 +90,78 @@ def digits_setup(params: dict):
     return data, spec
 
 
+def arch_spec(spec: dict, params: dict, arch: str) -> dict:
+    """`spec` for another architecture: "small_cnn", "small_resnet" (params.yaml's options), or
+    with options replaced: "small_resnet:widths=8,16,32" (several: "name:key=value:key=value")."""
+    name, *overrides = arch.split(":")
+    options = dict(params["model"].get(name) or {})
+    for override in overrides:
+        key, _, value = override.partition("=")
+        numbers = [int(v) for v in value.split(",")]
+        options[key] = numbers if "," in value or isinstance(options.get(key), list) else numbers[0]
+    return {**spec, "arch": name, "options": options}
+
+
+def arch_label(spec: dict) -> str:
+    return f"{spec['arch']} {' '.join(f'{k}={v}' for k, v in spec['options'].items())}"
+
+
 def cpu_tables(params: dict, args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    data, spec = digits_setup(params)
+    data, default_spec = digits_setup(params)
+    specs = [arch_spec(default_spec, params, arch) for arch in args.archs]
     train, test = data["train"], data["test"]
     full = build_dataclass(FitConfig, params["train"]["fit"], "train.fit")
     runtime = Runtime.from_params(params)
-    sizes = [1, 8, 64] if args.quick else [1, 8, 64, 256]
-    print(f"digits train split: {len(train)} images {tuple(train.x.shape[1:])}, small_cnn width {spec['options']['width']}, "
-          f"batch {full.batch_size}, {full.epochs} epochs; device {runtime.device}, torch threads {torch.get_num_threads()}, "
-          f"models_per_pass {runtime.models_per_pass}; load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    # Warm-up: first calls pay for kernel selection and lazy initialisation.
-    warm_up = FitConfig(**{**full.__dict__, "epochs": 1})
-    naive_train(spec, [0], train.x, train.y, warm_up)
-    engine_train(spec, [0, 1], train.x, train.y, warm_up, runtime)
-    _, flops_per_image = training_flops(spec)
-    model_gflop = flops_per_image * len(train) * full.epochs / 1e9  # one model, full training
+    sizes = args.sizes or ([1, 8, 64] if args.quick else [1, 8, 64, 256])
+    print(f"digits train split: {len(train)} images {tuple(train.x.shape[1:])}, batch {full.batch_size}, {full.epochs} epochs; "
+          f"device {runtime.device}, torch threads {torch.get_num_threads()}, models_per_pass {runtime.models_per_pass}; "
+          f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     ceiling = cpu_matmul_gflops()
-    print(f"one model's training: {model_gflop:.1f} GFLOP counted (torch FlopCounterMode); fp32 2048^3 matmul here: "
-          f"{ceiling:.0f} GFLOP/s, i.e. at most {ceiling / model_gflop:.1f} models/s for any implementation")
+    model_gflop = {}
+    for spec in specs:
+        # Warm-up: first calls pay for kernel selection and lazy initialisation.
+        warm_up = FitConfig(**{**full.__dict__, "epochs": 1})
+        naive_train(spec, [0], train.x, train.y, warm_up)
+        engine_train(spec, [0, 1], train.x, train.y, warm_up, runtime)
+        model_gflop[arch_label(spec)] = training_flops(spec)[1] * len(train) * full.epochs / 1e9  # one model, full training
+        print(f"{arch_label(spec)}: one model's training {model_gflop[arch_label(spec)]:.1f} GFLOP counted (torch FlopCounterMode); "
+              f"at most {ceiling / model_gflop[arch_label(spec)]:.1f} models/s for any implementation at the fp32 2048^3 matmul rate here ({ceiling:.0f} GFLOP/s)")
     rows = []
     for n in sizes:
         seeds = list(range(n))
         # At least 8 model-epochs per measurement, so that small N is not timed in milliseconds.
         short = FitConfig(**{**full.__dict__, "epochs": max(args.epochs, math.ceil(8 / n))})
-        naive_s, engine_s = [], []
-        for _ in range(1 if args.quick else args.repeats):  # alternate, so that load changes hit both
-            naive_s.append(timed(lambda: naive_train(spec, seeds, train.x, train.y, short)))
-            engine_s.append(timed(lambda: engine_train(spec, seeds, train.x, train.y, short, runtime)))
-        scale = full.epochs / short.epochs
-        naive_rate, engine_rate = n / (statistics.median(naive_s) * scale), n / (statistics.median(engine_s) * scale)
-        rows.append([n, f"{naive_rate:.2f}", f"{engine_rate:.2f}", f"{engine_rate / naive_rate:.1f}x",
-                     f"{naive_rate * model_gflop:.0f} / {engine_rate * model_gflop:.0f}", f"{engine_rate * model_gflop / ceiling:.0%}", f"{os.getloadavg()[0]:.1f}"])
-        print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
+        for spec in specs:  # architectures side by side at each N
+            naive_s, engine_s = [], []
+            for _ in range(1 if args.quick else args.repeats):  # alternate, so that load changes hit both
+                naive_s.append(timed(lambda: naive_train(spec, seeds, train.x, train.y, short)))
+                engine_s.append(timed(lambda: engine_train(spec, seeds, train.x, train.y, short, runtime)))
+            scale = full.epochs / short.epochs
+            naive_rate, engine_rate = n / (statistics.median(naive_s) * scale), n / (statistics.median(engine_s) * scale)
+            gflop = model_gflop[arch_label(spec)]
+            rows.append([arch_label(spec), n, f"{naive_rate:.2f}", f"{engine_rate:.2f}", f"{engine_rate / naive_rate:.1f}x",
+                         f"{naive_rate * gflop:.0f} / {engine_rate * gflop:.0f}", f"{engine_rate * gflop / ceiling:.0%}", f"{os.getloadavg()[0]:.1f}"])
+            print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
     print(f"\nmodels trained per second ({full.epochs} epochs each; timed over max({args.epochs}, 8/N) epochs, "
           f"median of {1 if args.quick else args.repeats})")
-    print(tabulate(rows, headers=["N", "naive loop", "engine", "speedup", "GFLOP/s naive / engine", "engine / matmul ceiling", "load avg"], tablefmt="github"))
+    print(tabulate(rows, headers=["architecture", "N", "naive loop", "engine", "speedup", "GFLOP/s naive / engine", "engine / matmul ceiling", "load avg"], tablefmt="github"))
     if args.quick:
         return
     # Same accuracy: 8 models with the full settings, both ways.
     seeds = list(range(8))
-    naive_models = naive_train(spec, seeds, train.x, train.y, full)
-    with torch.no_grad():
-        naive_acc = torch.stack([(m.eval()(test.x).argmax(-1) == test.y).float().mean() for m in naive_models])
-    engine_stack = engine_train(spec, seeds, train.x, train.y, full, runtime)
-    engine_acc = (predict(engine_stack, test.x, runtime).argmax(-1) == test.y).float().mean(1)
     fmt = lambda a: f"{a.mean():.4f} ± {a.std():.4f} (min {a.min():.4f})"  # noqa: E731
+    accuracy_rows = []
+    for spec in specs:
+        naive_models = naive_train(spec, seeds, train.x, train.y, full)
+        with torch.no_grad():
+            naive_acc = torch.stack([(m.eval()(test.x).argmax(-1) == test.y).float().mean() for m in naive_models])
+        engine_stack = engine_train(spec, seeds, train.x, train.y, full, runtime)
+        engine_acc = (predict(engine_stack, test.x, runtime).argmax(-1) == test.y).float().mean(1)
+        accuracy_rows.append([arch_label(spec), fmt(naive_acc), fmt(engine_acc)])
     print(f"\ntest accuracy of 8 models, {full.epochs} epochs")
-    print(tabulate([["naive loop", fmt(naive_acc)], ["engine", fmt(engine_acc)]], headers=["", "mean ± sd"], tablefmt="github"))
+    print(tabulate(accuracy_rows, headers=["architecture", "naive loop", "engine"], tablefmt="github"))
 
 
 # ---------------------------------------------------------------- GPU: ResNet-18
@@ -161,13 +185,13 @@ def training_flops(spec: dict) -> tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_model(spec, 0)
-    image = torch.randn(1, spec["in_channels"], spec["image_size"], spec["image_size"])
+    images = torch.randn(2, spec["in_channels"], spec["image_size"], spec["image_size"])  # 2: training BatchNorm needs more than one value
     with FlopCounterMode(display=False) as counter:
-        model(image)
-    forward = counter.get_total_flops()
+        model(images)
+    forward = counter.get_total_flops() / 2
     with FlopCounterMode(display=False) as counter:
-        model(image).sum().backward()
-    return forward, counter.get_total_flops()
+        model(images).sum().backward()
+    return forward, counter.get_total_flops() / 2
 
 
 def cpu_matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -248,6 +272,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--quick", action="store_true", help="N = 1, 8, 64, one repeat, no accuracy table")
+    parser.add_argument("--archs", nargs="+", default=["small_resnet", "small_cnn"],
+                        help="CPU mode: architectures side by side; small_resnet:widths=8,16,32 replaces an option")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="CPU mode: N values (default 1 8 64 256; --quick: 1 8 64)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs timed per measurement (CPU mode)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating measurements per N (CPU mode)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: params.yaml runtime.threads, else torch's)")

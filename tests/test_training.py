@@ -101,10 +101,10 @@ def test_engine_trains_like_plain_pytorch(data):
         torch.testing.assert_close(trained.params[name][0], value.detach(), rtol=1e-4, atol=1e-6)
 
 
-def test_cpu_uses_grouped_convolutions_for_plain_cnns_only():
+def test_cpu_uses_grouped_convolutions_for_sequential_cnns_only():
     loss = cross_entropy_on("train")
     assert _BatchedStep(CNN, loss, CPU).grouped is not None
-    assert _BatchedStep(RESNET, loss, CPU).grouped is None  # BatchNorm, residuals: vmap path
+    assert _BatchedStep(RESNET, loss, CPU).grouped is None  # torchvision's ResNet class: vmap path
     assert not GroupedCNN.supports(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout(0.5)))
     assert not GroupedCNN.supports(nn.Sequential(nn.Conv2d(1, 2, 3, padding_mode="reflect")))
 
@@ -141,7 +141,7 @@ def test_grouped_forward_matches_vmap(net):
         params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
 
         def per_model(p, xb, yb):
-            forward = grouped.per_model_forward(params, p, base, {}) if use_grouped else (lambda v: functional_call(base, p, (v,)))
+            forward = grouped.per_model_forward(params, {}, p, base, {}) if use_grouped else (lambda v: functional_call(base, p, (v,)))
             return loss_fn(forward, xb, yb)
 
         losses = vmap(per_model)(params, x, y)

@@ -8,21 +8,26 @@ trains the same whether it runs alone or with 255 others. With N=1 this is an or
 training loop.
 
 How the N forwards run, chosen automatically (benchmarks/README.md has the numbers):
-- CPU, plain CNNs (nn.Sequential of Conv2d/ReLU/pooling/Flatten/Linear): `GroupedCNN` runs the N
-  models as the groups of one grouped convolution per layer, channels-last. vmap's own conv rule
-  does the same grouping, but moves batch dimensions around between layers (copies, NCHW
-  pooling); doing it once for the whole net is faster.
-- Everything else (ResNets with BatchNorm, any module): vmap + functional_call. On CUDA the batch
-  is laid out so vmap's grouped convolutions see channels-last tensors, the step runs in bf16
-  autocast, and `torch.compile` fuses the batched step (BatchNorm running statistics are
+- CPU, nn.Sequential CNNs (Conv2d, BatchNorm2d, ReLU, pooling, Flatten, Linear and torchvision
+  BasicBlocks: the default small_resnet, small_cnn): `GroupedCNN` runs the N models as one
+  network whose layers have N times the channels, [B, N*C, H, W]: one grouped convolution per
+  conv layer, one BatchNorm over the N*C channels (running statistics per model), the residual
+  add. vmap's own conv rule does the same grouping, but moves batch dimensions around between
+  layers (copies) and has no such BatchNorm; doing it once for the whole net is faster.
+- Everything else (torchvision's ResNet-18, any module): vmap + functional_call. On CUDA the
+  batch is laid out so vmap's grouped convolutions see channels-last tensors, the step runs in
+  bf16 autocast, and `torch.compile` fuses the batched step (BatchNorm running statistics are
   stacked buffers, updated per model).
 - A single model (N=1, a production run) skips vmap: the plain module, compiled on CUDA.
 
 Methods express their training as a loss over named batches (`retain`, `forget`, ...), so the
-same engine runs finetuning, NegGrad+, random labels, ... for all N models at once.
+same engine runs finetuning, NegGrad+, random labels, ... for all N models at once. With
+`stop_patience` in the fit config (`Monitor`), each model stops once its accuracy on the
+monitored parts has converged (the seed study's rule), independently of its companions.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -39,6 +44,8 @@ from tqdm.auto import tqdm
 from unlearnops.config import ConfigError, choose
 from unlearnops.nets import build_model, without_head
 from unlearnops.stack import ModelStack
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -62,12 +69,20 @@ class FitConfig:
     weight_decay: float
     schedule: str
     warmup_fraction: float = 0.0
+    # The stopping rule (`Monitor`): 0 = train every epoch; k > 0 = a model stops once the
+    # accuracy on every monitored part changed by less than stop_tolerance k epochs in a row.
+    stop_patience: int = 0
+    stop_tolerance: float = 0.0
 
     def __post_init__(self):
         choose(self.optimizer, OPTIMIZERS, "optimizer")
         choose(self.schedule, SCHEDULES, "lr schedule")
         if self.epochs < 0 or self.batch_size < 1 or self.lr < 0:
             raise ConfigError(f"bad training settings: epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}")
+        if self.stop_patience < 0:
+            raise ConfigError(f"stop_patience must be >= 0 (0 = off), got {self.stop_patience}")
+        if self.stop_patience > 0 and not self.stop_tolerance > 0:
+            raise ConfigError(f"stop_patience={self.stop_patience} needs stop_tolerance > 0, got {self.stop_tolerance}")
 
 
 @dataclass
@@ -127,6 +142,22 @@ class Stream:
     def for_models(self, index: slice) -> "Stream":
         """The stream as seen by models[index] (only per-model labels need slicing)."""
         return self if self.y.dim() == 1 else replace(self, y=self.y[index])
+
+
+@dataclass
+class Monitor:
+    """What the stopping rule watches, and what it found.
+
+    `parts` maps a name to (x, y) (e.g. retain and validation). With cfg.stop_patience > 0, fit
+    measures every model's accuracy on each part before training and after every epoch; a model
+    whose accuracies all changed by less than cfg.stop_tolerance for stop_patience epochs in a
+    row has converged: from then on it is frozen (weights and BatchNorm statistics stay as they
+    were at that epoch, whatever its companions do), and fit ends once every model converged.
+    After fit, `epochs[i]` is the number of epochs model i trained (cfg.epochs if it never
+    converged; cfg.epochs for every model when the rule is off)."""
+
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    epochs: torch.Tensor | None = None
 
 
 def crop_and_flip(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -200,68 +231,130 @@ def _optimizer(cfg: FitConfig, tensors: list[torch.Tensor]) -> torch.optim.Optim
 
 
 class GroupedCNN:
-    """N stacked plain CNNs run as one network whose convolutions have N times the groups.
+    """N stacked CNNs run as one network whose convolutions have N times the groups.
 
     Activations are [B, N*C, H, W] (channels-last) through the conv part and [N, B, F] after
-    Flatten; Linear layers are batched matmuls. Only layers that act per channel or per model
-    are allowed, so the result is exactly the N separate forwards (up to float rounding)."""
+    Flatten; Linear layers are batched matmuls. In this layout the N models' BatchNorm is one
+    BatchNorm over N*C channels (each channel's statistics are its own model's), so its
+    running statistics are the N models' stacked buffers, updated in place. Only layers that
+    act per channel or per model are allowed, so the result is exactly the N separate
+    forwards (up to float rounding): an nn.Sequential of Conv2d, BatchNorm2d, ReLU, pooling,
+    Flatten, Linear and torchvision BasicBlocks (the default small_resnet, small_cnn).
+    Training or evaluation follows the module's own mode (`module.train()` / `.eval()`)."""
 
     PER_CHANNEL = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity)
 
     def __init__(self, module: nn.Sequential):
-        self.layers = list(module.named_children())
+        self.module = module
+        # Channels-last is faster (max-pool above all), but the CPU's channels-last BatchNorm
+        # sums its statistics and gradients less precisely (~1e-6 relative, 10x NCHW's), and
+        # SGD on a BatchNorm net amplifies that: a model trained among others differed from
+        # itself trained alone by 0.8% of its weights after one epoch (NCHW: 5e-6).
+        # benchmarks/README.md has both layouts' speed.
+        has_batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+        self.memory_format = torch.contiguous_format if has_batch_norm else torch.channels_last
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
-        if not isinstance(module, nn.Sequential) or next(module.buffers(), None) is not None:
-            return False
-        for layer in module.children():
-            if isinstance(layer, nn.Conv2d):
-                if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-                    return False
-            elif isinstance(layer, nn.Flatten):
-                if (layer.start_dim, layer.end_dim) != (1, -1):
-                    return False
-            elif not isinstance(layer, (nn.Linear, *cls.PER_CHANNEL)):
-                return False
-        return True
+        return isinstance(module, nn.Sequential) and all(cls._supports_layer(layer) for layer in module.children())
 
-    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """x: [N, B, ...] (model i's batch in row i) -> [N, B, ...] outputs."""
+    @classmethod
+    def _supports_layer(cls, layer: nn.Module) -> bool:
+        if type(layer) is nn.Conv2d:
+            return layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+        if type(layer) is nn.BatchNorm2d:  # momentum None (a cumulative average) is not implemented
+            return layer.affine and layer.track_running_stats and layer.momentum is not None
+        if isinstance(layer, nn.Flatten):
+            return (layer.start_dim, layer.end_dim) == (1, -1)
+        if isinstance(layer, (nn.Linear, *cls.PER_CHANNEL)):
+            return True
+        if _is_basic_block(layer):
+            downsample = layer.downsample
+            return all(cls._supports_layer(m) for m in (layer.conv1, layer.bn1, layer.conv2, layer.bn2)) and (
+                downsample is None
+                or (isinstance(downsample, nn.Sequential) and all(type(m) in (nn.Conv2d, nn.BatchNorm2d) and cls._supports_layer(m) for m in downsample))
+            )
+        return False
+
+    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: [N, B, ...] (model i's batch in row i) -> [N, B, ...] outputs. `buffers` holds the
+        stacked BatchNorm statistics (in training mode they are updated in place)."""
         n, batch = x.shape[:2]
-        images = x.dim() == 5
-        h = x.transpose(0, 1).reshape(batch, -1, *x.shape[3:]).contiguous(memory_format=torch.channels_last) if images else x
+        h = x.transpose(0, 1).reshape(batch, -1, *x.shape[3:]).contiguous(memory_format=self.memory_format) if x.dim() == 5 else x
+        h = self._sequence(self.module, "", h, n, params, buffers or {})
+        return h.reshape(batch, n, -1, *h.shape[2:]).transpose(0, 1) if h.dim() == 4 else h
+
+    def _sequence(self, module: nn.Sequential, prefix: str, h: torch.Tensor, n: int, params, buffers) -> torch.Tensor:
         fresh = False  # h is a new tensor that nothing else holds: ReLU may overwrite it
-        for name, layer in self.layers:
+        for name, layer in module.named_children():
+            name = prefix + name
             if isinstance(layer, nn.Conv2d):
-                w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
-                h = F.conv2d(h, w.flatten(0, 1), None if b is None else b.flatten(), layer.stride, layer.padding, layer.dilation, n * layer.groups)
+                h = self._conv(layer, name, h, n, params)
+            elif isinstance(layer, nn.BatchNorm2d):
+                h = self._batch_norm(layer, name, h, params, buffers)
             elif isinstance(layer, nn.Flatten):
-                if images:  # [B, N*C, H, W] -> [N, B, C*H*W]
-                    h, images = h.reshape(batch, n, -1).transpose(0, 1), False
+                if h.dim() == 4:  # [B, N*C, H, W] -> [N, B, C*H*W]
+                    h = h.reshape(h.shape[0], n, -1).transpose(0, 1)
             elif isinstance(layer, nn.Linear):
                 w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
                 h = torch.bmm(h, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-            elif isinstance(layer, nn.ReLU) and fresh:
-                h = torch.relu_(h)  # conv and matmul backward need their inputs, not their outputs
+            elif isinstance(layer, nn.ReLU):
+                # conv, matmul and BatchNorm backward need their inputs, not their outputs
+                h = torch.relu_(h) if fresh else torch.relu(h)
+            elif isinstance(layer, nn.Sequential):
+                h = self._sequence(layer, name + ".", h, n, params, buffers)
+            elif _is_basic_block(layer):
+                h = self._basic_block(layer, name, h, n, params, buffers)
             else:
                 h = layer(h)
-            fresh = isinstance(layer, (nn.Conv2d, nn.Linear))
-        return h.reshape(batch, n, -1, *h.shape[2:]).transpose(0, 1) if images else h
+            fresh = isinstance(layer, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))
+        return h
 
-    def per_model_forward(self, params, per_model_params, base, buffers):
+    @staticmethod
+    def _conv(layer: nn.Conv2d, name: str, h: torch.Tensor, n: int, params) -> torch.Tensor:
+        w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+        return F.conv2d(h, w.flatten(0, 1), None if b is None else b.flatten(), layer.stride, layer.padding, layer.dilation, n * layer.groups)
+
+    @staticmethod
+    def _batch_norm(layer: nn.BatchNorm2d, name: str, h: torch.Tensor, params, buffers) -> torch.Tensor:
+        """nn.BatchNorm2d.forward for the N models at once: the [N, C] buffers viewed as N*C
+        channels (the engine keeps them contiguous, so the in-place updates reach them)."""
+        if layer.training:
+            buffers[f"{name}.num_batches_tracked"].add_(1)
+        return F.batch_norm(
+            h, buffers[f"{name}.running_mean"].view(-1), buffers[f"{name}.running_var"].view(-1),
+            params[f"{name}.weight"].flatten(), params[f"{name}.bias"].flatten(), layer.training, layer.momentum, layer.eps,
+        )
+
+    def _basic_block(self, block: nn.Module, name: str, h: torch.Tensor, n: int, params, buffers) -> torch.Tensor:
+        """torchvision's BasicBlock.forward in the grouped layout."""
+        out = torch.relu_(self._batch_norm(block.bn1, f"{name}.bn1", self._conv(block.conv1, f"{name}.conv1", h, n, params), params, buffers))
+        out = self._batch_norm(block.bn2, f"{name}.bn2", self._conv(block.conv2, f"{name}.conv2", out, n, params), params, buffers)
+        identity = h if block.downsample is None else self._sequence(block.downsample, f"{name}.downsample.", h, n, params, buffers)
+        return torch.relu_(out + identity)
+
+    def per_model_forward(self, params, buffers, per_model_params, base, per_model_buffers):
         """A forward for use inside vmap: it takes the vmapped x out of vmap, runs all N models
-        grouped on the stacked `params` (autograd flows to them as usual) and hands the result
-        back to vmap. Inputs batched by an inner transform fall back to functional_call."""
+        grouped on the stacked `params` and `buffers` (autograd flows to them as usual; BatchNorm
+        statistics are updated in place) and hands the result back to vmap. Inputs batched by an
+        inner transform fall back to functional_call."""
         n = next(iter(params.values())).shape[0]
         level = maybe_get_level(next(iter(per_model_params.values())))
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if maybe_get_level(x) > level or x.dim() not in (2, 4):  # not [B, F] or [B, C, H, W]
-                return functional_call(base, (per_model_params, buffers), (x,))
-            return _add_batch_dim(self(params, _remove_batch_dim(x, level, n, 0)), 0, level)
+                return functional_call(base, (per_model_params, per_model_buffers), (x,))
+            return _add_batch_dim(self(params, _remove_batch_dim(x, level, n, 0), buffers), 0, level)
 
         return forward
+
+
+def _is_basic_block(layer: nn.Module) -> bool:
+    """Exactly torchvision's BasicBlock (a subclass may change forward). Imported here, not at
+    the top: torchvision takes a second to import and small_cnn never needs it."""
+    from torchvision.models.resnet import BasicBlock
+
+    return type(layer) is BasicBlock
 
 
 def _models_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -281,6 +374,7 @@ def fit(
     desc: str = "train",
     grad_scale: dict[str, torch.Tensor] | None = None,
     on_epoch_end: EpochHook | None = None,
+    monitor: Monitor | None = None,
 ) -> ModelStack:
     """Train every model of `stack` for cfg.epochs passes over the `driver` stream.
 
@@ -288,18 +382,29 @@ def fit(
     multiplies gradients elementwise (masks for SalUn, 1/10 learning rate for kept weights...).
     Models are trained `runtime.models_per_pass` at a time to bound memory. `on_epoch_end`, if
     given, sees the models after every epoch (e.g. to measure accuracy along the way).
+    `monitor` carries the parts the stopping rule watches (cfg.stop_patience > 0 needs one) and
+    receives the epochs each model trained.
     """
+    if cfg.stop_patience and monitor is None:
+        raise ConfigError(f"{desc}: stop_patience={cfg.stop_patience} asks for the stopping rule, but this fit monitors no data; set stop_patience: 0 in its fit section")
     if cfg.epochs == 0:
+        if monitor is not None:
+            monitor.epochs = torch.zeros(stack.n, dtype=torch.long)
         return stack
     step = _BatchedStep(stack.spec, loss_fn, runtime)  # built once: its compiled code serves every pass
 
-    def run(index: slice) -> ModelStack:
+    def run(index: slice) -> tuple[ModelStack, torch.Tensor]:
         chunk_scale = {k: v[index] for k, v in grad_scale.items()} if grad_scale else None
         hook = (lambda epoch, models: on_epoch_end(epoch, index, models)) if on_epoch_end else None
         chunk_streams = {name: s.for_models(index) for name, s in streams.items()}
-        return _fit_chunk(stack.select(index), chunk_streams, step, cfg, runtime, driver, desc, chunk_scale, hook)
+        return _fit_chunk(stack.select(index), chunk_streams, step, cfg, runtime, driver, desc, chunk_scale, hook, monitor)
 
-    return ModelStack.concat(_in_passes(stack.n, runtime, run))
+    stacks, epochs = zip(*_in_passes(stack.n, runtime, run))
+    if monitor is not None:
+        monitor.epochs = torch.cat(epochs)
+        if cfg.stop_patience:
+            log.info("%s: epochs trained per model (stopping rule, at most %d): %s", desc, cfg.epochs, monitor.epochs.tolist())
+    return ModelStack.concat(list(stacks))
 
 
 def _in_passes(n: int, runtime: Runtime, run: Callable[[slice], object]) -> list:
@@ -331,14 +436,16 @@ class _BatchedStep:
         # channels-last on CUDA under bf16 (vmapped BatchNorm fails on bf16 NCHW batches); fp32
         # stays NCHW, where vmap cannot query channels-last contiguity inside BatchNorm.
         self.channels_last = runtime.device == "cuda" and runtime.bf16
-        self.stacked_params: dict[str, torch.Tensor] = {}  # the chunk being trained (GroupedCNN reads it)
+        # The chunk being trained, stacked (GroupedCNN reads them; vmap hands the loss per-model slices).
+        self.stacked_params: dict[str, torch.Tensor] = {}
+        self.stacked_buffers: dict[str, torch.Tensor] = {}
 
         def one_model_loss(p, b, batches):
             return loss_fn(lambda x: functional_call(self.base, (p, b), (x,)), batches)
 
         def per_model_loss(p, b, batches):
             if self.grouped is not None:
-                return loss_fn(self.grouped.per_model_forward(self.stacked_params, p, self.base, b), batches)
+                return loss_fn(self.grouped.per_model_forward(self.stacked_params, self.stacked_buffers, p, self.base, b), batches)
             return one_model_loss(p, b, batches)
 
         self.eager = {"one": one_model_loss, "many": vmap(per_model_loss, in_dims=(0, 0, 0), randomness="different")}
@@ -358,13 +465,13 @@ class _BatchedStep:
                 batches = {name: (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y) for name, (x, y) in batches.items()}
         elif self.channels_last:
             batches = {name: (_models_channels_last(x), y) for name, (x, y) in batches.items()}
-        self.stacked_params = params
+        self.stacked_params, self.stacked_buffers = params, buffers
         compiled = self.compiled[kind] if full_batches else None
         losses = (compiled or self.eager[kind])(params, buffers, batches)
         return losses.reshape(n)
 
 
-def _fit_chunk(stack, streams, step, cfg, runtime, driver, desc, grad_scale, on_epoch_end):
+def _fit_chunk(stack, streams, step, cfg, runtime, driver, desc, grad_scale, on_epoch_end, monitor) -> tuple[ModelStack, torch.Tensor]:
     device = runtime.device
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
@@ -382,6 +489,7 @@ def _fit_chunk(stack, streams, step, cfg, runtime, driver, desc, grad_scale, on_
     optimizer = _optimizer(cfg, list(params.values()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps * cfg.epochs))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.bf16)
+    stopping = _StoppingRule(cfg, monitor.parts, stack, params, buffers, runtime) if cfg.stop_patience else None
     bar = tqdm(range(cfg.epochs), desc=f"{desc} x{stack.n}", leave=False, mininterval=1.0, disable=None)
     for epoch in bar:
         total = torch.zeros((), device=device)  # summed on the device: no host sync per step
@@ -402,9 +510,55 @@ def _fit_chunk(stack, streams, step, cfg, runtime, driver, desc, grad_scale, on_
             scheduler.step()
             total += losses.detach().mean()
         bar.set_postfix(loss=f"{float(total) / steps:.4f}")
+        all_converged = stopping is not None and stopping.after_epoch(epoch + 1, params, buffers)
         if on_epoch_end:
             on_epoch_end(epoch + 1, ModelStack(stack.spec, {k: v.detach() for k, v in params.items()}, buffers, stack.seeds))
-    return ModelStack(stack.spec, {k: v.detach().cpu() for k, v in params.items()}, {k: v.cpu() for k, v in buffers.items()}, stack.seeds)
+        if all_converged:
+            break
+    epochs = stopping.epochs if stopping else torch.full((stack.n,), cfg.epochs)
+    return ModelStack(stack.spec, {k: v.detach().cpu() for k, v in params.items()}, {k: v.cpu() for k, v in buffers.items()}, stack.seeds), epochs
+
+
+class _StoppingRule:
+    """The stopping rule (`Monitor`) for one pass of models: measures their accuracy on the
+    monitored parts before training and after every epoch, and freezes the converged ones."""
+
+    def __init__(self, cfg: FitConfig, parts: dict, stack: ModelStack, params: dict, buffers: dict, runtime: Runtime):
+        self.cfg, self.parts, self.spec, self.seeds, self.runtime = cfg, parts, stack.spec, stack.seeds, runtime
+        self.epochs = torch.full((stack.n,), cfg.epochs)
+        self.converged = torch.zeros(stack.n, dtype=torch.bool)
+        self.calm = torch.zeros(stack.n, dtype=torch.long)  # consecutive epochs of changes below the tolerance
+        self.final = {k: v.detach().clone() for k, v in {**params, **buffers}.items()}  # converged models' state
+        self.accuracy = torch.zeros(stack.n, len(parts))  # [N, parts], at the last measurement
+        self.accuracy = self._measure(params, buffers)
+
+    def _measure(self, params: dict, buffers: dict) -> torch.Tensor:
+        """[N, parts] accuracies of the models still training (converged ones keep their last)."""
+        active = (~self.converged).nonzero().flatten().tolist()
+        models = ModelStack(self.spec, {k: v.detach() for k, v in params.items()}, buffers, self.seeds).select(active)
+        accuracy = self.accuracy.clone()
+        for j, (x, y) in enumerate(self.parts.values()):
+            accuracy[active, j] = (predict(models, x, self.runtime).argmax(-1) == y.cpu()).float().mean(1)
+        return accuracy
+
+    @torch.no_grad()
+    def after_epoch(self, epoch: int, params: dict, buffers: dict) -> bool:
+        """Undo this epoch for the models converged before it, measure the others, freeze the
+        newly converged ones. True once every model has converged."""
+        tensors = {**params, **buffers}
+        frozen = self.converged.to(next(iter(tensors.values())).device)
+        for k, v in tensors.items():
+            v[frozen] = self.final[k][frozen]
+        accuracy = self._measure(params, buffers)
+        calm = ((accuracy - self.accuracy).abs() < self.cfg.stop_tolerance).all(1)
+        self.calm, self.accuracy = torch.where(calm, self.calm + 1, 0), accuracy
+        newly = ~self.converged & (self.calm >= self.cfg.stop_patience)
+        on_device = newly.to(frozen.device)
+        for k, v in tensors.items():
+            self.final[k][on_device] = v[on_device]
+        self.epochs[newly] = epoch
+        self.converged |= newly
+        return bool(self.converged.all())
 
 
 def cross_entropy_on(stream: str) -> LossFn:
@@ -442,7 +596,7 @@ def _batched_forward(module: torch.nn.Module, stack: ModelStack, x: torch.Tensor
         grouped = GroupedCNN(base)
 
         def forward(p, b, xb):  # xb: shared [B, ...] or per-model [N, B, ...]
-            return grouped(p, xb if rows is not None else xb.expand(len(next(iter(p.values()))), *xb.shape))
+            return grouped(p, xb if rows is not None else xb.expand(len(next(iter(p.values()))), *xb.shape), b)
     else:
         forward = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, None if rows is None else 0))
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from unlearnops.config import build_dataclass
 from unlearnops.data import Part
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, Runtime, Stream
+from unlearnops.training import FitConfig, LossFn, Monitor, Runtime, Stream, fit
 
 
 @dataclass
@@ -35,11 +37,22 @@ class Unlearner:
     def __init__(self, hparams: dict, params: dict):
         self.hp = build_dataclass(self.Hparams, hparams, f"methods.{self.name}")
         self.params = params
+        # (desc, [N] epochs each model trained) of every fit through `self.fit`, in order: with
+        # the stopping rule on, what each run actually needed.
+        self.fit_epochs: list[tuple[str, torch.Tensor]] = []
 
     def unlearn(self, models: ModelStack, data: UnlearnData, runtime: Runtime) -> ModelStack:
         raise NotImplementedError
 
     # Helpers shared by the methods that fine-tune.
+    def fit(self, data: UnlearnData, models: ModelStack, streams: dict[str, Stream], loss_fn: LossFn, cfg: FitConfig, runtime: Runtime, **options) -> ModelStack:
+        """training.fit with the seed study's stopping rule available: when cfg.stop_patience > 0
+        every model stops once its retain and validation accuracy have converged."""
+        monitor = Monitor({"retain": (data.retain.x, data.retain.y), "val": (data.val.x, data.val.y)})
+        models = fit(models, streams, loss_fn, cfg, runtime, monitor=monitor, **options)
+        self.fit_epochs.append((options.get("desc", self.name), monitor.epochs))
+        return models
+
     def fit_config(self, key: str = "fit") -> FitConfig:
         return build_dataclass(FitConfig, getattr(self.hp, key), f"methods.{self.name}.{key}")
 

@@ -20,7 +20,9 @@ in eval mode (BatchNorm's running statistics stay; the authors do not set the mo
 
 Deviations (each a param): `retain_fraction` (authors 1.0): each fine-tuning epoch visits that
 fraction of retain (each model its own random part, unlearnops/methods/retain_passes.py), so
-the authors' 5 epochs fit the time budget (5 full epochs are 1/3 of the default retrain).
+the authors' 5 epochs fit the time budget (with full epochs the method takes 0.41 of the
+default retrain's CPU time). `fit.lr` 0.01 (authors 0.001): their lr is set for ~770 steps per
+CIFAR-10 epoch, digits has 20 (10 here); at 0.001 the test accuracy stayed at 0.91 (retrain 0.99).
 """
 from __future__ import annotations
 

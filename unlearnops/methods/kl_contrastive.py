@@ -18,7 +18,8 @@ code uses none, and neither does this module.
 Deviations (each a param):
 - `retain_fraction` (authors: 1.0, a full retain pass per round): each retain round visits this
   fraction of retain (each model its own random part, unlearnops/methods/retain_passes.py), so
-  the 8 rounds fit the time budget (8 full passes are ~0.6 of the default retrain).
+  the 8 rounds fit the time budget (with full passes the method takes 0.6 of the default
+  retrain's CPU time).
 - Each pass is one engine `fit` call, so momentum restarts every pass (the authors keep one
   optimiser per phase across rounds), and a contrastive pass of several steps runs at the
   cosine's value at its middle step (exact for one step per round, the default setting:

@@ -1,5 +1,9 @@
 """Conv kernel transposition with pseudo-labels (NeurIPS 2023 competition, 5th place, 2nd variant).
 
+This variant exists only in the seed study's text (no public code; xcadet/deepunlearn
+munl/unlearning/kgltop5.py has only the plain transposition, see conv_transpose.py, whose
+optimiser defaults it shares). As the seed describes it:
+
 1. Quickly unlearn: transpose the conv kernels of the original and fine-tune briefly on
    retain (`quick_fit`).
 2. Find the forget samples whose prediction changed most between the original and that
@@ -13,7 +17,9 @@
 Steps 1-2 run once, seeded by run 0 (models.seeds[0]), and every run shares the chosen
 subset (as SalUn's runs share one mask): the training engine draws each run's batches from
 one shared data set, so per-run subsets would need one training pass per run. Step 3 runs
-per model with its own seed, as in every other method.
+per model with its own seed, as in every other method. `retain_fraction`: each epoch of step
+3 visits that fraction of retain (each model its own random part,
+unlearnops/methods/retain_passes.py), to fit the time budget as conv_transpose does.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from unlearnops.config import ConfigError, build_dataclass, choose
 from unlearnops.data import Part
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
+from unlearnops.methods.retain_passes import check_retain_fraction, retain_streams
 from unlearnops.methods.weight_surgery import conv_weight_names, transpose_conv_kernels
 from unlearnops.stack import ModelStack
 from unlearnops.training import FitConfig, Runtime, Stream, cross_entropy_on, fit, predict
@@ -59,9 +66,11 @@ class ConvTransposePseudo(Unlearner):
         pseudo_label: str
         pseudo_weight: float
         pseudo_batch_size: int
+        retain_fraction: float
         fit: dict
 
         def __post_init__(self):
+            check_retain_fraction(self.retain_fraction, "methods.conv_transpose_pseudo.retain_fraction")
             build_dataclass(FitConfig, self.quick_fit, "methods.conv_transpose_pseudo.quick_fit")
             build_dataclass(FitConfig, self.fit, "methods.conv_transpose_pseudo.fit")
             choose(self.change_score, CHANGE_SCORES, "methods.conv_transpose_pseudo.change_score")
@@ -96,8 +105,7 @@ class ConvTransposePseudo(Unlearner):
             (xr, yr), (xp, yp) = batches["retain"], batches["pseudo"]
             return F.cross_entropy(forward(xr), yr) + weight * F.cross_entropy(forward(xp), yp)
 
-        streams = {
-            "retain": self.retain_stream(data),
-            "pseudo": Stream(data.forget.x[chosen], labels, self.hp.pseudo_batch_size, data.augment),
-        }
-        return fit(transposed, streams, loss, self.fit_config(), runtime, driver="retain", desc=self.name)
+        cfg = self.fit_config()
+        streams, driver = retain_streams(data.retain, cfg.batch_size, self.hp.retain_fraction, data.augment)
+        streams["pseudo"] = Stream(data.forget.x[chosen], labels, self.hp.pseudo_batch_size, data.augment)
+        return fit(transposed, streams, loss, cfg, runtime, driver=driver, desc=self.name)

@@ -20,7 +20,6 @@ from unlearnops.methods import get_method
 from unlearnops.methods.conv_perturb import inverse_frequency_weights, perturb_conv
 from unlearnops.methods.grad_reinit import gradient_information, reinitialise, smallest_fraction_mask
 from unlearnops.methods.kl_contrastive import kl_to_uniform, shift_and_noise
-from unlearnops.methods.scrub import distill_kl, frozen_teacher
 from unlearnops.stack import ModelStack
 from unlearnops.training import FitConfig, Stream, predict, train_from_scratch
 
@@ -228,24 +227,6 @@ def test_inverse_frequency_weights():
 
 
 # ---- scrub -----------------------------------------------------------------------------------
-
-
-def test_scrub_max_step_pushes_forget_outputs_away_from_the_teacher(tiny_setup):
-    params, data, unlearn_data, target, runtime = tiny_setup
-    method = get_method("scrub", params)
-    teacher = frozen_teacher(target, runtime)
-    with torch.no_grad():
-        teacher_logits = teacher(data["forget"].x)
-
-    def forget_kl(stack):
-        return torch.stack([distill_kl(s, teacher_logits, method.hp.temperature) for s in predict(stack, data["forget"].x, runtime)])
-
-    # At student == teacher the KL sits at its minimum with zero gradient; as in SCRUB's own
-    # schedule, a min-step moves the student first.
-    students = method.min_step(start(target), teacher, unlearn_data, runtime)
-    before = forget_kl(students)
-    after = forget_kl(method.max_step(students, teacher, unlearn_data, runtime))
-    assert bool((after > 1.5 * before).all()), (before, after)
 
 
 def test_scrub_gives_each_different_starting_model_its_own_teacher(tiny_setup):

@@ -226,22 +226,6 @@ def test_inverse_frequency_weights():
     assert torch.allclose(inverse_frequency_weights(y, 4), torch.tensor([1 / 3, 1.0, 0.5, 0.0]))
 
 
-# ---- scrub -----------------------------------------------------------------------------------
-
-
-def test_scrub_gives_each_different_starting_model_its_own_teacher(tiny_setup):
-    """Later stages of layered unlearning pass N different models. Pure distillation (no
-    max-step, no cross-entropy, no weight decay) from student == own teacher has zero
-    gradient, so every model must stay put; a shared teacher would pull model 1 to model 0."""
-    params, _, unlearn_data, target, runtime = tiny_setup
-    params = with_hparams(params, "scrub", msteps=0, alpha=1.0, gamma=0.0, fit={"epochs": 1, "weight_decay": 0.0})
-    other = perturb_conv(start(target).select([0]), ["0.weight", "2.weight", "5.weight"], 0.3, salt=9)
-    models = ModelStack.concat([start(target).select([0]), other])
-    out = get_method("scrub", params).unlearn(models, unlearn_data, runtime)
-    for name, value in models.params.items():
-        assert float((out.params[name] - value).abs().max()) < 1e-4, name
-
-
 # ---- configuration errors --------------------------------------------------------------------
 
 

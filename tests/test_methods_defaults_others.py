@@ -232,6 +232,21 @@ def test_scrub_max_step_pushes_forget_outputs_away_from_the_teacher(tiny_setup):
     assert bool((after > before).all()), (before, after)
 
 
+def test_scrub_gives_each_different_starting_model_its_own_teacher(tiny_setup):
+    """Later stages of layered unlearning pass N different models: run i must distil from its
+    own start, so unlearning [a, b] together gives what unlearning each alone gives (a shared
+    teacher would pull b toward a)."""
+    params, _, unlearn_data, target, runtime = tiny_setup
+    gen = torch.Generator().manual_seed(9)
+    other = ModelStack(target.spec, {k: v + 0.3 * v.std() * torch.randn(v.shape, generator=gen) for k, v in target.params.items()}, target.buffers, [1])
+    a, b = ModelStack.replicate(target, [0]), other
+    method = get_method("scrub", params)
+    together = method.unlearn(ModelStack.concat([a, b]), unlearn_data, runtime)
+    alone = ModelStack.concat([method.unlearn(a, unlearn_data, runtime), method.unlearn(b, unlearn_data, runtime)])
+    for name in together.params:
+        torch.testing.assert_close(together.params[name], alone.params[name], rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------ MUSO
 
 

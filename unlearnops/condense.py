@@ -1,7 +1,7 @@
 """Retain-set condensation before unlearning: fewer retain images, faster retain-based methods.
 
-Blend (arXiv 2507.09786; follows algebraicdianuj/DC_U `dc_methods/dc_blend_v2.py` and the
-script that calls its `blend_DC` after `create_sub_classes`): per class, k-means in a feature space splits the retain images
+Blend (arXiv 2507.09786; follows algebraicdianuj/DC_U `dc_methods/dc_blend_v2.py` and the script
+of DC_U that calls `create_sub_classes` and then `blend_DC`): per class, k-means in a feature space splits the retain images
 into `ipc` clusters. A cluster with no forget image is condensed to ONE synthetic image, a
 weighted average of its images whose weights are learned so that the blended image's embedding
 matches the cluster's mean embedding. A cluster holding a forget image keeps its retain images
@@ -10,11 +10,12 @@ clustered with retain images (that is how we know which clusters they fall in) a
 in the output.
 
 The feature space (`condense.blend.feature_net`): `random`, as the authors, the embedding of a
-randomly initialised network (`get_model(..., load=False)`), or `target`, the original model's
-penultimate features. Deviations: the random network has the model's own architecture (the
-authors use their small ConvNet `cnn_s`), initialised from `condense.blend.seed`; the blending
-weights are a softmax of logits (the authors normalise raw weights by their sum), which keeps
-them positive; the authors' lr 0.05 and iteration count are for that parametrisation.
+randomly initialised network (`get_model(..., load=False)` for both the k-means and
+`blend_DC`), or `target`, the original model's penultimate features. Deviations: the random
+network has the model's own architecture (the authors use their small ConvNet `cnn_s`),
+initialised from `condense.blend.seed`; the blending weights are a softmax of logits (the authors
+normalise raw weights by their sum), which keeps them positive, so the authors' step count (20)
+and lr (a cubic in ipc) do not carry over: `iterations` and `lr` are this parametrisation's.
 """
 from __future__ import annotations
 

@@ -192,16 +192,16 @@ class Muso(Unlearner):
             return F.cross_entropy(forward(x), table.view(-1)[position])
 
         def after_step(step: int, index: slice, live: ModelStack) -> None:
-            epoch, first_of_epoch = divmod(step, steps)
-            if epoch == cfg.epochs:
+            epochs_done, steps_into_epoch = divmod(step, steps)
+            if epochs_done == cfg.epochs:
                 return
-            if first_of_epoch == 0:  # an epoch ended: new retain rows, new ridge, new R
+            if steps_into_epoch == 0:  # an epoch ended: new retain rows, the next ridge, a new R
                 z_retain = with_ones(penultimate_features(live, data.retain.x, runtime, retain_rows(index)))
-                eps = cosine_ramp(hp.eps_start, hp.eps_end, epoch - 1, cfg.epochs)
+                eps = cosine_ramp(hp.eps_start, hp.eps_end, epochs_done - 1, cfg.epochs)
                 right[index] = right_side(z_retain, w0[index], w_p[index].cpu(), eps).to(device)
             phi_current = with_ones(penultimate_features(live, data.forget.x, runtime)).to(device)
             table[index, n_retain:] = relabel(phi_current, phi_original, right[index], w_p[index])
-            if first_of_epoch == 0:
-                self.forget_labels[epoch, index] = table[index, n_retain:].cpu()
+            if steps_into_epoch == 0:
+                self.forget_labels[epochs_done, index] = table[index, n_retain:].cpu()
 
         return fit_passes(models, {"train": stream}, {"train": loss}, ["train"] * (steps * cfg.epochs), cfg, runtime, desc=self.name, after_step=after_step)

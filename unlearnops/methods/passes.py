@@ -5,7 +5,9 @@ labels, then a pass over retain; SCRUB: a max-step pass over forget, then a min-
 retain), and ONE optimiser makes every step, so momentum and the learning-rate schedule carry
 over from pass to pass. `fit_passes` runs such a schedule as a single engine `fit`: every engine
 epoch is one step (the driver is a one-item stream), and the epoch hook picks the next step's
-pass. `after_step` sees the live models after every step (SalUn restores its frozen weights there).
+pass. `after_step` sees the live models after every step (SalUn restores its frozen weights there,
+MUSO relabels forget). Under torch.compile (CUDA) the pass name is a guarded Python value: each
+pass's loss compiles once.
 
 Each pass draws its batches from its own shuffled stream. The engine draws a batch from every
 stream at every step, so a stream keeps moving while another pass runs: a pass sees consecutive

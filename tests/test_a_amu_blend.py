@@ -63,14 +63,16 @@ def forget_val_loss_distance(stack, data, runtime) -> float:
 
 
 def run_a_amu(params, unlearn_data, target, runtime, lam):
+    """A-AMU as params.yaml configures it, except for the MMD weight lam."""
     params = copy.deepcopy(params)
     params["methods"]["a_amu"]["lam"] = lam
-    params["methods"]["a_amu"]["fit"].update(epochs=2, batch_size=32, lr=1e-2)  # the paper's 1 epoch at 2.4e-4 barely moves the tiny CNN
     return get_method("a_amu", params).unlearn(ModelStack.replicate(target, [2000 + i for i in range(4)]), unlearn_data, runtime)
 
 
-def test_a_amu_matches_forget_losses_to_unseen_and_keeps_retain(tiny_setup):
-    params, data, unlearn_data, target, runtime = tiny_setup
+def test_a_amu_matches_forget_losses_to_unseen_and_keeps_retain(digits_default_setup, one_thread):
+    """On the default setting with the default hyperparameters, the forget losses end closer to
+    the validation losses than the target's, and than the same steps without the MMD term."""
+    params, data, unlearn_data, target, _, runtime = digits_default_setup
     unlearned = run_a_amu(params, unlearn_data, target, runtime, lam=params["methods"]["a_amu"]["lam"])
     retain_only = run_a_amu(params, unlearn_data, target, runtime, lam=0.0)  # the same steps without the MMD term
     distance = {name: forget_val_loss_distance(s, data, runtime) for name, s in [("target", target), ("a_amu", unlearned), ("lam=0", retain_only)]}
@@ -87,7 +89,7 @@ def test_a_amu_matches_forget_losses_to_unseen_and_keeps_retain(tiny_setup):
 
 
 def blend_config(**changes) -> BlendConfig:
-    return BlendConfig(**{"ipc": 10, "seed": 0, "kmeans_n_init": 3, "iterations": 12, "lr": 10.0, "momentum": 0.5, **changes})
+    return BlendConfig(**{"ipc": 10, "feature_net": "target", "seed": 0, "kmeans_n_init": 3, "iterations": 12, "lr": 10.0, "momentum": 0.5, **changes})
 
 
 def test_blend_shrinks_retain_and_keeps_forget_clusters_exactly(tiny_setup):
@@ -118,13 +120,17 @@ def test_blend_shrinks_retain_and_keeps_forget_clusters_exactly(tiny_setup):
     assert torch.equal(condensed.y[torch.from_numpy(kept)], retain.y[original_rows])
 
 
-def test_blended_images_match_their_cluster_embedding_better_than_plain_means(tiny_setup):
+@pytest.mark.parametrize("feature_net", ["random", "target"])
+def test_blended_images_match_their_cluster_embedding_better_than_plain_means(tiny_setup, feature_net):
+    """Every SGD step on the blending weights lowers the embedding-matching loss. (In a random
+    network's embedding, the authors' choice, the plain mean image already matches its cluster
+    closely, so the steps gain little there; in the trained target's they halve it.)"""
     _, data, _, target, runtime = tiny_setup
-    plain = blend(data["retain"], data["forget"], target, blend_config(iterations=0), runtime)
-    learned = blend(data["retain"], data["forget"], target, blend_config(), runtime)
-    print("embedding-matching loss: plain mean images", plain.match_loss[-1], "-> learned weights", learned.match_loss[-1])
+    plain = blend(data["retain"], data["forget"], target, blend_config(iterations=0, feature_net=feature_net), runtime)
+    learned = blend(data["retain"], data["forget"], target, blend_config(feature_net=feature_net), runtime)
+    print("embedding-matching loss: plain mean images", plain.match_loss[-1], "-> learned weights", learned.match_loss)
     assert plain.match_loss == [learned.match_loss[0]]  # the learned weights start at 1/n
-    assert learned.match_loss[-1] < 0.5 * plain.match_loss[-1]
+    assert all(after < before for before, after in zip(learned.match_loss, learned.match_loss[1:]))
     blended = learned.retain.ids == BLENDED_ID
     assert not torch.equal(learned.retain.x[torch.from_numpy(blended)], plain.retain.x[torch.from_numpy(blended)])
 

@@ -24,7 +24,6 @@ from unlearnops.methods.conv_perturb import balanced_class_weights, batch_weight
 from unlearnops.methods.grad_reinit import gradient_information, reinitialise, retain_subsample
 from unlearnops.methods.kl_contrastive import kl_from_uniform
 from unlearnops.methods.retain_passes import CLOCK, retain_streams
-from unlearnops.methods.scrub import distill_kl, frozen_teacher
 from unlearnops.methods.weight_surgery import conv_weight_names
 from unlearnops.stack import ModelStack
 from unlearnops.training import FitConfig, Stream, predict, train_from_scratch
@@ -291,40 +290,6 @@ def test_conv_perturb_reperturbs_before_the_last_epoch(tiny_setup):
         assert torch.allclose(out.params[name], expected.params[name], atol=1e-6), name
     light = perturb_conv(models, names, method.hp.reperturb_std, salt=2).params[names[0]] - models.params[names[0]]
     assert abs(float(light.std()) / method.hp.reperturb_std - 1) < 0.2
-
-
-# ---- scrub -----------------------------------------------------------------------------------
-
-
-def test_scrub_max_step_pushes_forget_outputs_away_from_the_teacher(tiny_setup):
-    params, data, unlearn_data, target, runtime = tiny_setup
-    method = get_method("scrub", params)
-    teacher = frozen_teacher(target, runtime)
-    with torch.no_grad():
-        teacher_logits = teacher(data["forget"].x)
-
-    def forget_kl(stack):
-        return torch.stack([distill_kl(s, teacher_logits, method.hp.temperature) for s in predict(stack, data["forget"].x, runtime)])
-
-    # At student == teacher the KL sits at its minimum with zero gradient; as in SCRUB's own
-    # schedule, a min-step moves the student first.
-    students = method.min_step(start(target), teacher, unlearn_data, runtime)
-    before = forget_kl(students)
-    after = forget_kl(method.max_step(students, teacher, unlearn_data, runtime))
-    assert bool((after > 1.5 * before).all()), (before, after)
-
-
-def test_scrub_gives_each_different_starting_model_its_own_teacher(tiny_setup):
-    """Later stages of layered unlearning pass N different models. Pure distillation (no
-    max-step, no cross-entropy, no weight decay) from student == own teacher has zero
-    gradient, so every model must stay put; a shared teacher would pull model 1 to model 0."""
-    params, _, unlearn_data, target, runtime = tiny_setup
-    params = with_hparams(params, "scrub", msteps=0, alpha=1.0, gamma=0.0, fit={"epochs": 1, "weight_decay": 0.0})
-    other = perturb_conv(start(target).select([0]), conv_weight_names(target.spec, "test"), 0.3, salt=9)
-    models = ModelStack.concat([start(target).select([0]), other])
-    out = get_method("scrub", params).unlearn(models, unlearn_data, runtime)
-    for name, value in models.params.items():
-        assert float((out.params[name] - value).abs().max()) < 1e-4, name
 
 
 # ---- configuration errors --------------------------------------------------------------------

@@ -1,12 +1,21 @@
 """Retain-set condensation before unlearning: fewer retain images, faster retain-based methods.
 
-Blend (arXiv 2507.09786): per class, k-means in the original model's penultimate-feature space
-splits the retain images into `ipc` clusters. A cluster with no forget image is condensed to ONE
-synthetic image, a weighted average of its images whose weights are learned so that the blended
-image's embedding matches the cluster's mean embedding. A cluster holding a forget image keeps
-its retain images unchanged (the region near the forget set is where unlearning needs them).
-Forget images are clustered with retain images (that is how we know which clusters they fall
-in) and never appear in the output.
+Blend (arXiv 2507.09786; follows algebraicdianuj/DC_U `dc_methods/dc_blend_v2.py` and the script
+of DC_U that calls `create_sub_classes` and then `blend_DC`): per class, k-means in a feature space splits the retain images
+into `ipc` clusters. A cluster with no forget image is condensed to ONE synthetic image, a
+weighted average of its images whose weights are learned so that the blended image's embedding
+matches the cluster's mean embedding. A cluster holding a forget image keeps its retain images
+unchanged (the region near the forget set is where unlearning needs them). Forget images are
+clustered with retain images (that is how we know which clusters they fall in) and never appear
+in the output.
+
+The feature space (`condense.blend.feature_net`): `random`, as the authors, the embedding of a
+randomly initialised network (`get_model(..., load=False)` for both the k-means and
+`blend_DC`), or `target`, the original model's penultimate features. Deviations: the random
+network has the model's own architecture (the authors use their small ConvNet `cnn_s`),
+initialised from `condense.blend.seed`; the blending weights are a softmax of logits (the authors
+normalise raw weights by their sum), which keeps them positive, so the authors' step count (20)
+and lr (a cubic in ipc) do not carry over: `iterations` and `lr` are this parametrisation's.
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ from unlearnops.stack import ModelStack
 from unlearnops.training import Runtime, penultimate_features
 
 CONDENSERS = ("blend",)
+FEATURE_NETS = ("random", "target")
 BLENDED_ID = -1  # sample id of a synthetic (blended) image
 
 
@@ -31,7 +41,8 @@ class BlendConfig:
     """params.yaml `condense.blend`."""
 
     ipc: int  # clusters per class
-    seed: int
+    feature_net: str  # random (a randomly initialised network, as the authors) | target (the original model)
+    seed: int  # k-means initialisation and the random network's
     kmeans_n_init: int
     iterations: int  # SGD steps on the blending weights
     lr: float
@@ -54,12 +65,14 @@ def condense(name: str, params: dict, retain: Part, forget: Part, original: Mode
 
 
 def blend(retain: Part, forget: Part, original: ModelStack, cfg: BlendConfig, runtime: Runtime) -> Blended:
-    """Condense `retain` with Blend, using model 0 of `original` as the feature space."""
+    """Condense `retain` with Blend, in the embedding `cfg.feature_net` names (model 0 of `original`
+    for `target`, a network of its architecture initialised from `cfg.seed` for `random`)."""
     from sklearn.cluster import KMeans  # imported here: every unlearn stage imports this module
 
     if cfg.ipc < 1:
         raise ConfigError(f"condense.blend.ipc is {cfg.ipc}: each class needs at least 1 cluster, or the class would be left empty")
-    model = original.select([0])
+    choose(cfg.feature_net, FEATURE_NETS, "condense.blend.feature_net")
+    model = original.select([0]) if cfg.feature_net == "target" else ModelStack.fresh(original.spec, [cfg.seed])
     x = torch.cat([retain.x, forget.x])
     y = torch.cat([retain.y, forget.y]).numpy()
     is_forget = np.arange(len(x)) >= len(retain)

@@ -1,12 +1,18 @@
 """A-AMU: accelerated approximate unlearning by distribution matching (arXiv 2507.09786).
 
-Per retain batch B the loss is
-    (CE_mean(B))^2 + lambda * MMD(T(l_unseen), T(l_forget)),
-where l are per-sample cross-entropy losses of |F| forget samples and of |F| unseen samples of
-the same classes (|F| = sample_factor * |B|, at most the forget set). The unseen samples come
-from the VALIDATION split (methods never see test) and their losses are constants. Matching the
+Follows algebraicdianuj/DC_Unlearning `unlearn_methods/accelerated_cf.py`
+(`Accelerated_CF_Unlearner`). Per retain batch B the loss is
+    mean_i(CE_i(B)^2) + lambda * MMD(T(l_unseen), T(l_forget)),
+where l are per-sample cross-entropy losses of |F| forget samples and of |F| unseen samples
+(|F| = sample_factor * |B|, at most the forget set), the unseen losses constants. Matching the
 two loss distributions makes forget samples look unseen to a membership-inference attacker.
-T maps losses to a common scale: log1p, a soft empirical CDF, the probit, a clamp.
+T maps losses to a common scale: log1p, a soft empirical CDF, the probit, a clamp to [-K, K].
+
+Deviations: the unseen samples come from the VALIDATION split (methods never see test; the
+authors draw from their held-out test split), one of the same class for each forget sample (the
+authors draw uniformly among the held-out samples whose class occurs in the forget sample); the
+soft CDF is kept in [cdf_margin, 1 - cdf_margin] so the probit stays finite (the authors let the
+probit of 1 be infinite and rely on the clamp).
 """
 from __future__ import annotations
 
@@ -81,7 +87,7 @@ class AAmu(Unlearner):
             forget_losses = F.cross_entropy(forward(xf), yf, reduction="none")
             unseen_losses = F.cross_entropy(forward(val_x[unseen]), val_y[unseen], reduction="none").detach()
             mmd = gaussian_mmd(transform(unseen_losses), transform(forget_losses), hp.sigma)
-            return F.cross_entropy(forward(xr), yr) ** 2 + hp.lam * mmd
+            return F.cross_entropy(forward(xr), yr, reduction="none").pow(2).mean() + hp.lam * mmd
 
         streams = {"retain": self.retain_stream(data), "forget": self.forget_stream(data, hp.sample_factor * cfg.batch_size)}
         return fit(models, streams, loss, cfg, runtime, driver="retain", desc=self.name)

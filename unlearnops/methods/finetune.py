@@ -1,4 +1,10 @@
-"""Fine-tune on the retain set only (the competition starting kit's baseline)."""
+"""Fine-tune on the retain set only: the NeurIPS 2023 competition starting kit's baseline.
+
+Follows unlearning-challenge/starting-kit `unlearning-CIFAR10.ipynb` (its `unlearning`, also in
+`functions/tools.py`): cross-entropy on retain, SGD lr 0.1, momentum 0.9, weight decay 5e-4,
+cosine schedule, 5 epochs. Deviations (params.yaml `methods.finetune.fit`): 2 epochs, to fit the
+time budget (0.2 x retraining's 15 epochs); the cosine is stepped per batch, not per epoch.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

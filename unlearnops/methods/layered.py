@@ -6,6 +6,14 @@ relearning attack uses). Stage i runs the base method U from the previous stage'
 and the base method's hyperparameters overridden by `stages[i]`. Each stage builds a separate
 "inhibitor" for the folds it adds, so relearning on some folds recovers the others less than
 after unlearning everything at once.
+
+Follows the authors' 12tqian/layered-unlearning `script.py` (`run`: the learned model, then
+"base-lu-partial" unlearning A while B stays in the training data, then "base-lu" unlearning
+both, each stage from the previous stage's weights with the same settings). Their unlearning
+step is training with the unlearned tasks relabelled as background (their 2D experiment, which
+benchmarks/layered_2d.py reproduces); here any registered method is the stage's U
+(`methods.layered.base`, default neggrad_plus). Each stage runs 1 epoch of the base method
+(`stages`), so the two stages cost the base method's 2 epochs and fit the time budget.
 """
 from __future__ import annotations
 

@@ -8,21 +8,40 @@ and the same gradient descent on [retain; forget] with labels [y_r; y_u] reaches
 retrained parameters exactly (up to eps and convergence): `muso_relabel`, `gradient_descent`.
 
 Network form (the registry method `muso`): the same idea on the last linear layer, with the
-network's penultimate features as Z, alternated with training the whole network.
+network's penultimate features as Z, alternated with training the whole network. Follows
+Yruikk/MUSO `NN/random_subset/MUSO.py`: w0 = the head the target started from (rebuilt from
+`train.seed`, `initial_head`), w_p = the target's head; R = P (w_p - w0) + w0 + w_p from a random
+subset of retain features (recomputed after every epoch, the ridge ramping from 1e-6 to 1e-2);
+before every step the forget labels argmax(phi_current R - phi_original w_p) from the current
+network (eval mode); one optimiser (Adam, constant lr, no weight decay) over all epochs; batches
+of 128 from [retain; forget] shuffled together.
+
+When the projector has at least as many rows as the head has inputs (features + bias), P is
+the identity, R = 2 w_p and the labels are the original's predictions: MUSO is then fine-tuning
+on [retain; forget]. `unlearn` warns when that happens (the default small_resnet's head has 64
+features, far fewer than keep_ratio x retain rows).
+
+Deviations (params.yaml `methods.muso`): lr 1e-3 and 2 epochs instead of the authors' 3e-5 and
+3 (theirs is for a pretrained ResNet-18; 2 epochs fit the time budget); the retain subset is
+keep_ratio x N_r rows drawn at once (the authors subsample while accumulating batches, keeping
+between keep_ratio x N_r and about twice that).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import warnings
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from unlearnops.config import ConfigError
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
 from unlearnops.nets import build_model, head_name
 from unlearnops.stack import ModelStack
-from unlearnops.training import Stream, cross_entropy_on, fit, penultimate_features
+from unlearnops.methods.passes import fit_passes, steps_per_pass
+from unlearnops.training import Stream, penultimate_features
 
 
 # ---------------------------------------------------------------- the linear form
@@ -79,21 +98,37 @@ def project(z: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.linalg.solve(gram, z.mT @ (z @ v))
 
 
+def right_side(z_retain: torch.Tensor, w0: torch.Tensor, w_p: torch.Tensor, eps: float) -> torch.Tensor:
+    """R = P (w_p - w0) + w0 + w_p per model ([N, d + 1, C], float64), MUSO.py's `get_right_side`.
+
+    (The authors' code computes Pi_rp from the current features as well, so Pi_rp = Pi_r = P.)
+    Why the formula is kept as written: w0 + P (w_p - w0) is the linear form's retrained head
+    (the retain interpolant closest to w0 when the original fits retain), and the extra + w_p,
+    with the - phi_original w_p of `relabel`, adds phi_current w_p - phi_original w_p: the change
+    of the original head's outputs as the features drift."""
+    return project(z_retain, w_p - w0, eps) + w0.double() + w_p.double()
+
+
+def relabel(phi_current: torch.Tensor, phi_original: torch.Tensor, right: torch.Tensor, w_p: torch.Tensor) -> torch.Tensor:
+    """MUSO's forget labels per model: argmax(phi_current R - phi_original w_p) ([N, n_f]).
+    phi_*: [N or 1, n_f, d + 1] features with a ones column."""
+    return (phi_current.double() @ right - phi_original.double() @ w_p.double()).argmax(-1)
+
+
 def forget_targets(phi_current: torch.Tensor, phi_original: torch.Tensor, z_retain: torch.Tensor, w0: torch.Tensor, w_p: torch.Tensor, eps: float) -> torch.Tensor:
-    """MUSO's forget labels per model: argmax(phi_current R - phi_original w_p), with
-    R = P (w_p - w0) + w0 + w_p, exactly as the reference gives it.
+    """The labels from scratch: `relabel` with R = `right_side`. Before any training
+    (phi_current = phi_original) they are exactly the linear form's relabelling; tests check this.
 
-    Why the formula is kept as written: w0 + P (w_p - w0) is the linear form's retrained
-    head (the retain interpolant closest to w0 when the original fits retain), and the extra
-    + w_p / - phi_original w_p pair adds phi_current w_p - phi_original w_p, the change of the
-    original head's outputs as the features drift. Before any training (phi_current =
-    phi_original) the targets are exactly the linear form's relabelling; tests check this.
+    phi_*: [N or 1, n_f, d + 1]; z_retain [N, m, d + 1]; w0, w_p [N, d + 1, C]. Returns [N, n_f]."""
+    return relabel(phi_current, phi_original, right_side(z_retain, w0, w_p, eps), w_p)
 
-    phi_*: [N or 1, n_f, d + 1]; z_retain [N, m, d + 1]; w0, w_p [N, d + 1, C]. Returns [N, n_f].
-    """
-    r = project(z_retain, w_p - w0, eps) + w0.double() + w_p.double()
-    scores = phi_current.double() @ r - phi_original.double() @ w_p.double()
-    return scores.argmax(-1)
+
+def initial_head(spec: dict, train_seed: int, n: int) -> torch.Tensor:
+    """w0: the head the target started from, [n, d + 1, C] (the same for every run).
+
+    train_target initialises the target with `build_model(spec, train.seed)` (train_from_scratch
+    -> ModelStack.fresh), so its initial weights are rebuilt here rather than stored."""
+    return head_matrix(ModelStack.fresh(spec, [train_seed])).expand(n, -1, -1)
 
 
 def cosine_ramp(start: float, end: float, epoch: int, epochs: int) -> float:
@@ -104,42 +139,69 @@ def cosine_ramp(start: float, end: float, epoch: int, epochs: int) -> float:
 
 @register("muso")
 class Muso(Unlearner):
-    """The network form. After `unlearn`, `forget_labels[e]` holds epoch e's forget labels
-    ([N, n_forget], run i in row i), for inspection."""
+    """The network form. After `unlearn`, `forget_labels[e]` holds the forget labels at the start
+    of epoch e ([N, n_forget], run i in row i), for inspection."""
 
     @dataclass
     class Hparams:
-        eps_start: float  # ridge of the projector at the first epoch ...
-        eps_end: float  # ... ramped (cosine) to this at the last
+        eps_start: float  # ridge of the projector at the start ...
+        eps_end: float  # ... ramped (cosine over the epochs) to this
         # Fraction of retain rows (drawn per run and epoch) spanning the projector. The reference
         # down-samples "when rows exceed 2 * keep_ratio * N_r", which holds for every keep_ratio
         # below 1/2, so that condition is no separate knob; keep_ratio 1 uses every row.
         keep_ratio: float
-        fit: dict  # optimiser of the CE steps on [retain; relabelled forget]
+        fit: dict  # the one optimiser of all epochs (CE steps on [retain; relabelled forget])
 
     def unlearn(self, models, data, runtime):
-        if not 0 < self.hp.keep_ratio <= 1:
-            raise ConfigError(f"methods.muso.keep_ratio must be in (0, 1], got {self.hp.keep_ratio}")
-        cfg = self.fit_config()
-        n_retain = len(data.retain)
-        n_rows = max(1, round(self.hp.keep_ratio * n_retain))
+        """MUSO.py's loop: R from the retain features at the start and after every epoch (the
+        ridge ramping from eps_start to eps_end); before every step, forget labels from the
+        current network's features; one CE step on the batch of [retain; forget]."""
+        hp, cfg, device = self.hp, self.fit_config(), runtime.device
+        if not 0 < hp.keep_ratio <= 1:
+            raise ConfigError(f"methods.muso.keep_ratio must be in (0, 1], got {hp.keep_ratio}")
+        n, n_retain, n_forget = models.n, len(data.retain), len(data.forget)
+        n_rows = max(1, round(hp.keep_ratio * n_retain))
         w_p = head_matrix(models)
-        w0 = head_matrix(ModelStack.fresh(models.spec, models.seeds))  # a random-init head per run
-        # The N models are copies of one original: its forget features are computed once.
-        phi_original = with_ones(penultimate_features(models.select([0]), data.forget.x, runtime))
+        w0 = initial_head(models.spec, int(self.params["train"]["seed"]), n)
+        if n_rows >= w_p.shape[1]:
+            warnings.warn(
+                f"muso: the projector has {n_rows} retain rows for {w_p.shape[1]} head inputs (features + bias), so it is "
+                "the identity and the forget labels are the original's predictions: MUSO reduces to fine-tuning on "
+                "[retain; forget]. A wider head or a smaller methods.muso.keep_ratio gives it an unlearning signal."
+            )
         gens = [torch.Generator().manual_seed(seed) for seed in models.seeds]
-        x = torch.cat([data.retain.x, data.forget.x])
-        retain_labels = data.retain.y.expand(models.n, n_retain)
-        current, self.forget_labels = models, []
-        for epoch in range(cfg.epochs):
-            eps = cosine_ramp(self.hp.eps_start, self.hp.eps_end, epoch, cfg.epochs)
-            rows = torch.stack([torch.randperm(n_retain, generator=g)[:n_rows] for g in gens])
-            z_retain = with_ones(penultimate_features(current, data.retain.x, runtime, rows))
-            phi_current = with_ones(penultimate_features(current, data.forget.x, runtime))
-            targets = forget_targets(phi_current, phi_original, z_retain, w0, w_p, eps)
-            self.forget_labels.append(targets)
-            # One pass over [retain; forget] with per-run labels: true labels on retain, MUSO's
-            # on forget. A fresh optimiser each epoch, since the forget labels change.
-            stream = Stream(x, torch.cat([retain_labels, targets], dim=1), cfg.batch_size, data.augment)
-            current = fit(current, {"train": stream}, cross_entropy_on("train"), replace(cfg, epochs=1), runtime, driver="train", desc=f"{self.name} epoch {epoch + 1}")
-        return current
+
+        def retain_rows(index: slice) -> torch.Tensor:
+            return torch.stack([torch.randperm(n_retain, generator=g)[:n_rows] for g in gens[index]])
+
+        # The N models are copies of one original: its forget features are computed once.
+        phi_original = with_ones(penultimate_features(models.select([0]), data.forget.x, runtime)).to(device)
+        right = right_side(with_ones(penultimate_features(models, data.retain.x, runtime, retain_rows(slice(None)))), w0, w_p, hp.eps_start).to(device)
+        w_p = w_p.to(device)
+        # Every run's labels, [retain; forget]: the stream's "labels" are positions in this table,
+        # so the loss reads the labels of the moment, and each run its own row.
+        table = torch.cat([data.retain.y.expand(n, n_retain), relabel(phi_original, phi_original, right, w_p)], dim=1).to(device)
+        self.forget_labels = torch.zeros(cfg.epochs, n, n_forget, dtype=torch.long)
+        self.forget_labels[0] = table[:, n_retain:].cpu()
+        positions = torch.arange(table.numel()).view_as(table)
+        stream = Stream(torch.cat([data.retain.x, data.forget.x]), positions, cfg.batch_size, data.augment)
+        steps = steps_per_pass(stream)
+
+        def loss(forward, batches):
+            x, position = batches["train"]
+            return F.cross_entropy(forward(x), table.view(-1)[position])
+
+        def after_step(step: int, index: slice, live: ModelStack) -> None:
+            epochs_done, steps_into_epoch = divmod(step, steps)
+            if epochs_done == cfg.epochs:
+                return
+            if steps_into_epoch == 0:  # an epoch ended: new retain rows, the next ridge, a new R
+                z_retain = with_ones(penultimate_features(live, data.retain.x, runtime, retain_rows(index)))
+                eps = cosine_ramp(hp.eps_start, hp.eps_end, epochs_done - 1, cfg.epochs)
+                right[index] = right_side(z_retain, w0[index], w_p[index].cpu(), eps).to(device)
+            phi_current = with_ones(penultimate_features(live, data.forget.x, runtime)).to(device)
+            table[index, n_retain:] = relabel(phi_current, phi_original, right[index], w_p[index])
+            if steps_into_epoch == 0:
+                self.forget_labels[epochs_done, index] = table[index, n_retain:].cpu()
+
+        return fit_passes(models, {"train": stream}, {"train": loss}, ["train"] * (steps * cfg.epochs), cfg, runtime, desc=self.name, after_step=after_step)

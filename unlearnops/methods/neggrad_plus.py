@@ -1,4 +1,15 @@
-"""NegGrad+: descend on retain and ascend on forget in the same step, weighted by alpha."""
+"""NegGrad+ (Kurmanji et al. 2023): descend on retain and ascend on forget in the same step.
+
+Follows meghdadk/SCRUB `large_scale_unlearning.ipynb`: `negative_grad` (alpha 0.95, plain SGD
+lr 0.01 without momentum, 10 epochs; forget loader batch 512, retain loader batch 256) and the
+`run_neggrad_epoch` it calls (every retain batch paired with the next batch of the cycled forget
+loader; loss = alpha * CE(retain) - (1 - alpha) * CE(forget)).
+Deviations: 2 epochs instead of 10 (params.yaml `methods.neggrad_plus.fit.epochs`), to fit the
+time budget (0.2 x retraining's 15 epochs). Not reproduced (the shared engine has no such
+modes): `run_neggrad_epoch` keeps the model in eval mode (BatchNorm on its running statistics)
+and adds alpha * l2_penalty(model, original, args.weight_decay) to the loss; here BatchNorm
+trains as in every other method and the penalty is left out (weight_decay 0).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

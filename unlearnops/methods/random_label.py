@@ -1,4 +1,17 @@
-"""Random labels: fit the forget set to random wrong labels while fitting retain as usual."""
+"""Random labels (RL), as SalUn's authors run it without a saliency mask.
+
+Follows OPTML-Group/Unlearn-Saliency `Classification/unlearn/RL.py` (its CIFAR-10 branch) with
+the optimiser of `Classification/unlearn/impl.py` and the defaults of `Classification/arg_parser.py`:
+every epoch is a pass over forget whose labels are drawn uniformly from ALL classes (the true
+one included) at every batch, then a pass over retain with the true labels; one SGD optimiser
+makes every step (momentum 0.9, weight decay 5e-4, constant lr: its MultiStepLR milestones 91,
+136 are never reached), batch size 256 for both passes.
+
+Deviations (params.yaml `methods.random_label.fit`): 2 epochs instead of the authors' 10, to fit
+the time budget (0.2 x retraining's 15 epochs on the default setting); lr 0.001 instead of the
+README's 0.013, at which digits' forget confidences overshoot far past the retrained models'
+(3.6 against 8.5, logit-scaled) and test accuracy drops 3 points.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,29 +20,38 @@ import torch
 import torch.nn.functional as F
 
 from unlearnops.methods import register
-from unlearnops.methods.base import Unlearner
-from unlearnops.training import fit
+from unlearnops.methods.base import UnlearnData, Unlearner
+from unlearnops.methods.passes import StepHook, fit_passes, steps_per_pass
+from unlearnops.stack import ModelStack
+from unlearnops.training import Runtime, cross_entropy_on
 
 
-def random_wrong_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """A uniformly random label different from y, drawn afresh at every call."""
-    return (y + torch.randint_like(y, 1, num_classes)) % num_classes
+def random_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """A label drawn uniformly from all classes for every sample, afresh at every call
+    (`torch.randint(0, num_classes, target.shape)` in RL.py)."""
+    return torch.randint_like(y, 0, num_classes)
+
+
+def random_label_passes(method: Unlearner, models: ModelStack, data: UnlearnData, runtime: Runtime, grad_scale=None, after_step: StepHook | None = None) -> ModelStack:
+    """RL.py's loop: per epoch a random-label pass over forget, then a pass over retain."""
+    cfg = method.fit_config()
+    classes = data.num_classes
+
+    def forget_loss(forward, batches):
+        x, y = batches["forget"]
+        return F.cross_entropy(forward(x), random_labels(y, classes))
+
+    streams = {"forget": method.forget_stream(data, cfg.batch_size), "retain": method.retain_stream(data)}
+    one_epoch = ["forget"] * steps_per_pass(streams["forget"]) + ["retain"] * steps_per_pass(streams["retain"])
+    losses = {"forget": forget_loss, "retain": cross_entropy_on("retain")}
+    return fit_passes(models, streams, losses, one_epoch * cfg.epochs, cfg, runtime, desc=method.name, grad_scale=grad_scale, after_step=after_step)
 
 
 @register("random_label")
 class RandomLabel(Unlearner):
     @dataclass
     class Hparams:
-        forget_weight: float  # weight of the random-label loss on forget
-        forget_batch_size: int
-        fit: dict
+        fit: dict  # the one optimiser of both passes; epochs = (forget pass + retain pass) repeats
 
     def unlearn(self, models, data, runtime):
-        weight, classes = self.hp.forget_weight, data.num_classes
-
-        def loss(forward, batches):
-            (xr, yr), (xf, yf) = batches["retain"], batches["forget"]
-            return F.cross_entropy(forward(xr), yr) + weight * F.cross_entropy(forward(xf), random_wrong_labels(yf, classes))
-
-        streams = {"retain": self.retain_stream(data), "forget": self.forget_stream(data, self.hp.forget_batch_size)}
-        return fit(models, streams, loss, self.fit_config(), runtime, driver="retain", desc=self.name)
+        return random_label_passes(self, models, data, runtime)

@@ -118,11 +118,11 @@ def n_models_table(cfg: CoverageSetup, level: float, workers: int) -> pd.DataFra
             subsets = [slice(j * n, (j + 1) * n) for j in range(min(cfg.curve_subsets, unlearned.shape[0] // n))]
             points = [points_of(unlearned[s], retrained[s], workers) for s in subsets]
             scores = [p.mean() for p in points]
-            half_widths = [np.subtract(*mean_interval(p, level)[::-1]) / 2 for p in points]
+            intervals = [mean_interval(p, level) for p in points]
             rows.append({
                 "scenario": name, "N": n, "model subsets": len(subsets), "F (mean over subsets)": np.mean(scores),
                 "F spread over subsets (sd)": np.std(scores, ddof=1) if len(scores) > 1 else np.nan,
-                "example interval half-width": np.mean(half_widths),
+                "example interval half-width": np.mean([(high - low) / 2 for low, high in intervals]),
             })
     return pd.DataFrame(rows)
 

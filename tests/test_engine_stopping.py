@@ -62,8 +62,9 @@ def accuracies(models: ModelStack, parts) -> torch.Tensor:
 def test_a_model_stops_where_the_rule_says_and_stays_there(start, parts, finetune_cfg):
     """Against the same fine-tuning without the rule, recorded after every epoch: each model is
     its state at the first epoch that ends `patience` epochs of accuracy changes below the
-    tolerance (BatchNorm statistics included), and fit ends once all models stopped."""
-    cfg = finetune_cfg
+    tolerance (BatchNorm statistics included), and fit ends once all models stopped. Over 6
+    epochs: finetune's default 2 leave the rule no room to stop models at different epochs."""
+    cfg = FitConfig(**{**finetune_cfg.__dict__, "epochs": 6})
     history = [start]
     record = lambda epoch, index, models: history.append(ModelStack(models.spec, {k: v.clone() for k, v in models.params.items()}, {k: v.clone() for k, v in models.buffers.items()}, models.seeds))  # noqa: E731
     finetune(start, parts, FitConfig(**{**cfg.__dict__, "stop_patience": 0}), on_epoch_end=record)

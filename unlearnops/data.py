@@ -239,12 +239,8 @@ def _summary(table: pd.DataFrame, num_classes: int) -> dict:
     }
 
 
-def split(params: dict, out_dir: str | Path) -> dict:
-    """Load the source, drop deleted samples, split; write images.pt and samples.csv (no forget set yet).
-
-    The split depends on `data` only, so every forget set of a data set (`choose_forget`) is cut
-    from the same train split and shares one target model."""
-    data_cfg = params["data"]
+def _split_table(data_cfg: dict) -> tuple[Source, np.ndarray, pd.DataFrame]:
+    """The source, which of its samples are kept (not deleted) and the kept samples' table (no forget set yet)."""
     source = load_source(data_cfg)
     labels = source.labels.numpy()
     users = source.user_ids
@@ -261,8 +257,10 @@ def split(params: dict, out_dir: str | Path) -> dict:
     keep = ~table["sample_id"].isin(read_deleted_ids(data_cfg["deleted"])).to_numpy()
     table = table[keep].reset_index(drop=True)
     table["forget"] = False
+    return source, keep, table
 
-    out_dir = Path(out_dir)
+
+def _write(out_dir: Path, source: Source, keep: np.ndarray, table: pd.DataFrame) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     keep_t = torch.from_numpy(keep)
     torch.save(
@@ -276,6 +274,14 @@ def split(params: dict, out_dir: str | Path) -> dict:
     )
     table.to_csv(out_dir / "samples.csv", index=False, quoting=csv.QUOTE_MINIMAL)
     return _summary(table, source.num_classes) | {"n_deleted": int((~keep).sum())}
+
+
+def split(params: dict, out_dir: str | Path) -> dict:
+    """Load the source, drop deleted samples, split; write images.pt and samples.csv (no forget set yet).
+
+    The split depends on `data` only, so every forget set of a data set (`choose_forget`) is cut
+    from the same train split and shares one target model."""
+    return _write(Path(out_dir), *_split_table(params["data"]))
 
 
 def choose_forget(params: dict, split_dir: str | Path, out_dir: str | Path) -> dict:
@@ -293,9 +299,11 @@ def choose_forget(params: dict, split_dir: str | Path, out_dir: str | Path) -> d
 
 
 def prepare(params: dict, out_dir: str | Path) -> dict:
-    """`split` and `choose_forget` into one folder (the flat layout of a single run)."""
-    n_deleted = split(params, out_dir)["n_deleted"]
-    return {**choose_forget(params, out_dir, out_dir), "n_deleted": n_deleted}
+    """Split and choose the forget set into one folder (the flat layout of a single run); nothing
+    is written if either fails."""
+    source, keep, table = _split_table(params["data"])
+    table["forget"] = select_forget(table, params["forget"], source.num_classes)
+    return _write(Path(out_dir), source, keep, table)
 
 
 # ---------------------------------------------------------------- reading prepared data

@@ -65,6 +65,54 @@ def test_bad_settings_are_one_line_errors(repo_params, change, message):
     assert "\n" not in str(err.value)
 
 
+def test_auto_method_reads_the_benchmark_setting_only(repo_params, tmp_path, monkeypatch):
+    from unlearnops import deletion
+
+    monkeypatch.chdir(tmp_path)
+    params = copy.deepcopy(repo_params)
+    for setting, scores in (("digits-random-2", {"finetune": 0.2, "scrub": 0.3}), ("digits-class-0", {"finetune": 0.9})):
+        for method, score in scores.items():
+            path = pipeline.layout(params, setting).evidence / f"{method}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"method": method, "final_score": {"estimate": score, "low": score, "high": score}}))
+    params["ops"]["benchmark_setting"] = "digits-random-2"
+    assert deletion.choose_method(params)[0] == "scrub"
+    params["ops"]["benchmark_setting"] = "digits-class-0"
+    assert deletion.choose_method(params)[0] == "finetune"
+    params["ops"]["benchmark_setting"] = "nope"
+    with pytest.raises(ConfigError, match="unknown setting 'nope'"):
+        deletion.choose_method(params)
+
+
+def test_spooled_stage_runs_are_logged_later_with_their_times(tiny_params, tmp_path, monkeypatch):
+    from unlearnops import tracking
+
+    monkeypatch.setenv(tracking.SPOOL_ENV, str(tmp_path / "spool"))
+    with tracking.stage_run(tiny_params, "unlearn", {"hparams": {"lr": 0.1}}, run_name="unlearn-x") as (logger, run):
+        assert run is None and "mlflow" not in type(logger).__module__
+        logger.log_metrics({"seconds_per_model": 2.0})
+        logger.log_metric("relearn.F1.accuracy_on_T", 0.5, step=3)
+        logger.set_tag("unlearnops.models", "models/x")
+    with pytest.raises(RuntimeError), tracking.stage_run(tiny_params, "evaluate", {}, run_name="evaluate-x"):
+        raise RuntimeError("a failing stage")
+    assert len(list((tmp_path / "spool").glob("*.json"))) == 2
+    monkeypatch.delenv(tracking.SPOOL_ENV)
+    mlflow = tracking.configure(tiny_params)
+    with mlflow.start_run(run_name="pipeline") as parent:
+        pass
+    assert tracking.replay(tiny_params, tmp_path / "spool", parent.info.run_id) == 2
+    assert not list((tmp_path / "spool").glob("*.json"))
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=[tiny_params["mlflow"]["experiment"]], output_format="list")}
+    logged = runs["unlearn-x"]
+    assert logged.data.tags["mlflow.parentRunId"] == parent.info.run_id and logged.data.tags["unlearnops.stage"] == "unlearn"
+    assert logged.data.params["hparams.lr"] == "0.1" and logged.data.metrics["seconds_per_model"] == 2.0
+    assert logged.data.tags["unlearnops.models"] == "models/x" and logged.info.status == "FINISHED"
+    assert logged.info.start_time <= logged.info.end_time < runs["evaluate-x"].info.end_time
+    history = mlflow.tracking.MlflowClient().get_metric_history(logged.info.run_id, "relearn.F1.accuracy_on_T")
+    assert [(m.step, m.value) for m in history] == [(3, 0.5)]
+    assert runs["evaluate-x"].info.status == "FAILED"
+
+
 # ---------------------------------------------------------------- the report builders (fast)
 
 
@@ -275,7 +323,8 @@ def test_mlflow_has_one_parent_and_nested_stage_runs(pipeline_run):
     assert retrain.data.params["n_models"] == str(params["n_models"]) and "accuracy.test.mean" in retrain.data.metrics
     # only the target, the deletion flow's first champion, is logged as an MLflow model (the rest are DVC outputs)
     models = mlflow.search_logged_models(experiment_ids=[parents[0].info.experiment_id], output_format="list")
-    assert len(models) == 1
+    target = next(r for r in children if r.info.run_name == "target-synthetic")
+    assert models and {m.source_run_id for m in models} == {target.info.run_id}
 
 
 @pytest.mark.slow

@@ -53,13 +53,19 @@ def run_stage(stage: str, argv: list[str]) -> None:
 
 
 def cmd_repro(args) -> int:
-    """`dvc repro` inside one parent MLflow run that every stage's run nests under."""
+    """`dvc repro` inside one parent MLflow run that every stage's run nests under; the stages
+    spool their runs and they are logged at the end (tracking.replay), also when a stage failed."""
+    import tempfile
+
     from unlearnops import tracking
 
-    mlflow = tracking.configure(load_params(args.params))
-    with mlflow.start_run(run_name="pipeline", tags={"unlearnops.stage": "pipeline"}) as run:
-        env = {**os.environ, tracking.PARENT_ENV: run.info.run_id}
+    params = load_params(args.params)
+    mlflow = tracking.configure(params)
+    with mlflow.start_run(run_name="pipeline", tags={"unlearnops.stage": "pipeline"}) as run, \
+            tempfile.TemporaryDirectory(prefix="unlearnops-spool-") as spool:
+        env = {**os.environ, tracking.PARENT_ENV: run.info.run_id, tracking.SPOOL_ENV: spool}
         code = subprocess.call(["dvc", "repro", *args.dvc_args], env=env)
+        tracking.replay(params, spool, run.info.run_id)
         mlflow.set_tag("dvc_exit_code", code)
     return code
 

@@ -239,7 +239,7 @@ def _train_stage(params: dict, where: Layout, name: str, out_dir: Path, split_na
     data = _load_data(where)
     spec = model_spec(params, data.num_classes, data.in_channels, data.image_size)
     logged = {"model": params["model"], "train": params["train"], "n_models": len(seed_list)}
-    with tracking.stage_run(params, name, logged, run_name=run_name) as (mlflow, run):
+    with tracking.stage_run(params, name, logged, run_name=run_name, spool=not register) as (mlflow, run):
         fit = build_dataclass(FitConfig, params["train"]["fit"], "train.fit")
         stream = Stream(data[split_name].x, data[split_name].y, params["train"]["fit"]["batch_size"], bool(params["train"]["augment"]))
         stack, wall = train_from_scratch(spec, seed_list, stream, fit, runtime, desc=name)

@@ -12,7 +12,8 @@ as far as they fall inside the run; the gap column shows the rest).
 the minimum over repeats of its CPU time (user + system: CPU time, unlike wall time, barely
 changes when other processes share the cores): the interpreter, the imports of an unlearn stage,
 MLflow (import, store, one run with params and metrics), a second MLflow run in the same
-process, and logging one small model. The PYTHONPATH chooses the code measured.
+process, logging one small model, and a spooled run (tracking.SpooledRun). The PYTHONPATH
+chooses the code measured (older code has no spooled run: that phase is then left out).
 """
 from __future__ import annotations
 
@@ -78,6 +79,12 @@ with tracking.stage_run(params, "probe", {"method": params["methods"]["finetune"
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     tracking.log_model(mlflow, net, torch.zeros(2, 1, 8, 8).numpy())
 phase("logging one small model (mlflow.pytorch.log_model)")
+if hasattr(tracking, "SPOOL_ENV"):
+    import os
+    os.environ[tracking.SPOOL_ENV] = "spool"
+    with tracking.stage_run(params, "probe", {"method": params["methods"]["finetune"]}) as (logger, run):
+        logger.log_metrics({"a": 1.0})
+    phase("a spooled run (what a stage pays under unlearnops repro)")
 print(json.dumps(phases))
 """
 

@@ -128,7 +128,7 @@ def stage_run(params: dict, stage: str, logged_params: dict, run_name: str | Non
 def replay(params: dict, spool_dir: str | Path, parent_run_id: str | None) -> int:
     """Log every spooled run in `spool_dir` to MLflow (nested under `parent_run_id`), oldest first,
     with its recorded times; each file is deleted once logged. Returns how many were logged."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     files = sorted(Path(spool_dir).glob("*.json"))

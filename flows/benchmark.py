@@ -5,11 +5,12 @@
     python flows/benchmark.py deploy   a deployment on the work pool `ops.work_pool` of the
                                        server at PREFECT_API_URL (run it with `prefect deployment run`)
 
-Each task runs one DVC stage, `dvc repro --single-item <stage>` (e.g. `unlearn@finetune`), so
-dvc.yaml stays the single source of truth for commands, dependencies and caching; the flow
-takes the order from DVC's stage graph and adds the parallelism (prepare -> {train_target,
-retrain} -> evaluate_retrain, per method unlearn -> evaluate -> report). Stages that are up to date
-are skipped by DVC itself.
+Each task runs one DVC stage, `dvc repro --single-item <stage>` (e.g. `unlearn@digits-random-2-finetune`),
+so dvc.yaml stays the single source of truth for commands, dependencies and caching; the flow
+takes the order from DVC's stage graph and adds the parallelism (per data set split ->
+train_target; per setting prepare -> retrain, and inputs after the target; per setting and method
+unlearn; then the report). Stages that are up to date are skipped by DVC itself. As under
+`unlearnops repro`, the stages spool their MLflow runs and the flow logs them at the end.
 
 GPUs (params.yaml `ops.benchmark.gpus`): every task holds one GPU while it runs, given to its
 `dvc` process through CUDA_VISIBLE_DEVICES, so a host with k GPUs runs k stages at once.
@@ -22,11 +23,13 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 
 from prefect import flow, get_run_logger, task
+from prefect.futures import wait
 from prefect import runtime as prefect_runtime
 from prefect.cache_policies import NO_CACHE
 
@@ -87,11 +90,14 @@ def slots(params: dict) -> Slots:
 
 
 @task(cache_policy=NO_CACHE)
-def run_stage(stage: str, parent_run_id: str | None) -> dict:
-    """`dvc repro --single-item <stage>`, holding one device slot."""
+def run_stage(stage: str, parent_run_id: str | None, spool_dir: str | None = None) -> dict:
+    """`dvc repro --single-item <stage>`, holding one device slot; its MLflow runs go to `spool_dir`
+    (tracking.replay) if given."""
     logger = get_run_logger()
     with slots(load_params()).hold() as gpu:
         env = {**os.environ, **({tracking.PARENT_ENV: parent_run_id} if parent_run_id else {})}
+        if spool_dir:
+            env[tracking.SPOOL_ENV] = spool_dir
         # dvc.yaml's commands call `python`: the interpreter running this flow.
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         if gpu is not None:
@@ -128,13 +134,16 @@ def benchmark() -> list[dict]:
     (like `unlearnops repro`)."""
     params = load_params()
     mlflow = tracking.configure(params)
-    with mlflow.start_run(run_name="pipeline", tags={"unlearnops.stage": "pipeline", "orchestrator": "prefect"}) as run:
+    with mlflow.start_run(run_name="pipeline", tags={"unlearnops.stage": "pipeline", "orchestrator": "prefect"}) as run, \
+            tempfile.TemporaryDirectory(prefix="unlearnops-spool-") as spool:
         futures = {}
         for stage, after in stage_graph().items():  # in dependency order
-            futures[stage] = run_stage.submit(stage, run.info.run_id, wait_for=[futures[a] for a in after])
+            futures[stage] = run_stage.submit(stage, run.info.run_id, spool, wait_for=[futures[a] for a in after])
         try:
             return [futures[stage].result() for stage in futures]
         finally:
+            wait(list(futures.values()))  # every stage has finished or failed before its runs are logged
+            tracking.replay(params, spool, run.info.run_id)
             _SLOTS.pop(str(prefect_runtime.flow_run.id), None)
 
 

@@ -1,4 +1,4 @@
-"""DVC stage `prepare`: see unlearnops.pipeline.prepare."""
+"""DVC stage `prepare@<setting>`: see unlearnops.pipeline.prepare."""
 import sys
 
 from unlearnops.cli import run_stage

@@ -1,4 +1,4 @@
-"""DVC stage `retrain`: see unlearnops.pipeline.retrain."""
+"""DVC stage `retrain@<setting>`: unlearnops.pipeline.retrain, then evaluate_retrain (retrain's MIA and relearning attack)."""
 import sys
 
 from unlearnops.cli import run_stage

@@ -1,4 +1,4 @@
-"""DVC stage `train_target`: see unlearnops.pipeline.train_target."""
+"""DVC stage `train_target@<dataset>`: see unlearnops.pipeline.train_target."""
 import sys
 
 from unlearnops.cli import run_stage

@@ -1,4 +1,4 @@
-"""DVC stage `unlearn` for one method: `stages/unlearn.py <method> [--condense blend]`; see unlearnops.pipeline.unlearn."""
+"""DVC stage `unlearn@<setting>-<method>`: `stages/unlearn.py <method> --setting S [--condense blend]`: unlearnops.pipeline.unlearn, then evaluate."""
 import sys
 
 from unlearnops.cli import run_stage

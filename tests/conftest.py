@@ -28,6 +28,13 @@ def tiny(params: dict) -> dict:
     params["runtime"].update(device="cpu", models_per_pass=4, threads=1)  # one thread: tiny ops gain nothing from two, and lose badly on a busy machine
     params["train"]["fit"]["epochs"] = 6
     _cap_epochs(params["methods"], 2)
+    # a grid of two settings of one data set: a random forget set, and a class retrained models never saw
+    params["datasets"] = {"synthetic": {}}
+    params["settings"] = {
+        "synthetic-random-5": {"dataset": "synthetic", "forget": {"mode": "random", "fraction": 0.05}},
+        "synthetic-class-1": {"dataset": "synthetic", "forget": {"mode": "class", "class": 1}},
+    }
+    params["ops"].update(dataset="synthetic", benchmark_setting="synthetic-random-5")
     return params
 
 

@@ -12,34 +12,60 @@ from unlearnops.stack import CheckpointError
 USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError)
 
 
+# stages/<name>.py -> the pipeline functions it runs, in one process: an unlearning run is
+# evaluated where it was made, saving a second process's start-up (torch, MLflow) per run.
+STAGES = {
+    "split": ("split",),
+    "prepare": ("prepare",),
+    "inputs": ("record_inputs",),
+    "train_target": ("train_target",),
+    "retrain": ("retrain", "evaluate_retrain"),
+    "evaluate_retrain": ("evaluate_retrain",),
+    "unlearn": ("unlearn", "evaluate"),
+    "evaluate": ("evaluate",),
+    "report": ("report",),
+}
+
+
 def run_stage(stage: str, argv: list[str]) -> None:
     """Entry point of stages/<stage>.py: a bad input gives one clear line and exit code 2.
 
-    argv: the stage's positional arguments, and `--condense NAME` for unlearn and evaluate."""
+    argv: the stage's positional arguments (a data set, setting or method name), `--setting NAME`
+    and `--condense NAME` for unlearn and evaluate, `--grid` for report."""
     from unlearnops import pipeline
 
     parser = argparse.ArgumentParser(prog=f"stages/{stage}.py")
     parser.add_argument("names", nargs="*")
     if stage in ("unlearn", "evaluate"):
+        parser.add_argument("--setting", help="the setting of params.yaml `settings` (default: the flat layout)")
         parser.add_argument("--condense", help="condense the retain set first (e.g. blend)")
-    args = parser.parse_args(argv)
-    options = {"condense": args.condense} if getattr(args, "condense", None) else {}
+    if stage == "report":
+        parser.add_argument("--grid", action="store_true", help="report every setting of params.yaml")
+    options = {k: v for k, v in vars(parser.parse_args(argv)).items() if v}
+    names = options.pop("names", [])
     try:
         params = load_params(os.environ.get("UNLEARNOPS_PARAMS", "params.yaml"))
-        getattr(pipeline, stage)(params, *args.names, **options)
+        for function in STAGES[stage]:
+            getattr(pipeline, function)(params, *names, **options)
     except USER_ERRORS as err:
         print(f"error: {stage}: {err}", file=sys.stderr)
         sys.exit(2)
 
 
 def cmd_repro(args) -> int:
-    """`dvc repro` inside one parent MLflow run that every stage's run nests under."""
+    """`dvc repro` inside one parent MLflow run that every stage's run nests under; the stages
+    spool their runs and they are logged at the end (tracking.replay), also when a stage failed."""
+    import tempfile
+
     from unlearnops import tracking
 
-    mlflow = tracking.configure(load_params(args.params))
-    with mlflow.start_run(run_name="pipeline", tags={"unlearnops.stage": "pipeline"}) as run:
-        env = {**os.environ, tracking.PARENT_ENV: run.info.run_id}
+    params = load_params(args.params)
+    mlflow = tracking.configure(params)
+    with mlflow.start_run(run_name="pipeline", tags={"unlearnops.stage": "pipeline"}) as run, \
+            tempfile.TemporaryDirectory(prefix="unlearnops-spool-") as spool:
+        env = {**os.environ, tracking.PARENT_ENV: run.info.run_id, tracking.SPOOL_ENV: spool}
         code = subprocess.call(["dvc", "repro", *args.dvc_args], env=env)
+        tracking.replay(params, spool, run.info.run_id)
         mlflow.set_tag("dvc_exit_code", code)
     return code
 

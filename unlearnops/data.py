@@ -1,8 +1,9 @@
 """Datasets, the train/val/test split and the forget set, all spoken of by sample id.
 
-`prepare()` turns a source (digits, CIFAR-10 on disk, an image folder, synthetic) into
-`data/prepared/`: `images.pt` (uint8 images, labels, ids) and `samples.csv` with one row per
-sample: sample_id, user_id, label, split, forget. Deletion requests, DVC stages and tests all
+`split()` turns a source (digits, CIFAR-10 on disk, an image folder, synthetic) into a folder
+with `images.pt` (uint8 images, labels, ids) and `samples.csv` with one row per sample:
+sample_id, user_id, label, split, forget; `choose_forget()` writes a setting's own samples.csv
+with its forget set; `prepare()` does both into one folder. Deletion requests, DVC stages and tests all
 refer to the same sample and user ids. Samples listed in the deletion list are dropped before
 anything is written, so approved deletions never reach a later stage.
 """
@@ -228,9 +229,18 @@ def select_forget(table: pd.DataFrame, cfg: dict, num_classes: int) -> np.ndarra
     return forget
 
 
-def prepare(params: dict, out_dir: str | Path) -> dict:
-    """Load the source, drop deleted samples, split, choose the forget set, write outputs."""
-    data_cfg = params["data"]
+def _summary(table: pd.DataFrame, num_classes: int) -> dict:
+    return {
+        "n_samples": len(table),
+        **{f"n_{s}": int((table["split"] == s).sum()) for s in SPLITS},
+        "n_forget": int(table["forget"].sum()),
+        "n_forget_users": int(table.loc[table["forget"], "user_id"].nunique()),
+        "num_classes": num_classes,
+    }
+
+
+def _split_table(data_cfg: dict) -> tuple[Source, np.ndarray, pd.DataFrame]:
+    """The source, which of its samples are kept (not deleted) and the kept samples' table (no forget set yet)."""
     source = load_source(data_cfg)
     labels = source.labels.numpy()
     users = source.user_ids
@@ -246,9 +256,11 @@ def prepare(params: dict, out_dir: str | Path) -> dict:
     )
     keep = ~table["sample_id"].isin(read_deleted_ids(data_cfg["deleted"])).to_numpy()
     table = table[keep].reset_index(drop=True)
-    table["forget"] = select_forget(table, params["forget"], source.num_classes)
+    table["forget"] = False
+    return source, keep, table
 
-    out_dir = Path(out_dir)
+
+def _write(out_dir: Path, source: Source, keep: np.ndarray, table: pd.DataFrame) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     keep_t = torch.from_numpy(keep)
     torch.save(
@@ -261,15 +273,37 @@ def prepare(params: dict, out_dir: str | Path) -> dict:
         out_dir / "images.pt",
     )
     table.to_csv(out_dir / "samples.csv", index=False, quoting=csv.QUOTE_MINIMAL)
-    summary = {
-        "n_samples": len(table),
-        "n_deleted": int((~keep).sum()),
-        **{f"n_{s}": int((table["split"] == s).sum()) for s in SPLITS},
-        "n_forget": int(table["forget"].sum()),
-        "n_forget_users": int(table.loc[table["forget"], "user_id"].nunique()),
-        "num_classes": source.num_classes,
-    }
-    return summary
+    return _summary(table, source.num_classes) | {"n_deleted": int((~keep).sum())}
+
+
+def split(params: dict, out_dir: str | Path) -> dict:
+    """Load the source, drop deleted samples, split; write images.pt and samples.csv (no forget set yet).
+
+    The split depends on `data` only, so every forget set of a data set (`choose_forget`) is cut
+    from the same train split and shares one target model."""
+    return _write(Path(out_dir), *_split_table(params["data"]))
+
+
+def choose_forget(params: dict, split_dir: str | Path, out_dir: str | Path) -> dict:
+    """The forget set of `params["forget"]`, cut from `split_dir`'s train split: writes out_dir/samples.csv
+    (the images stay in split_dir: `load_prepared(out_dir, split_dir)`)."""
+    split_dir, out_dir = Path(split_dir), Path(out_dir)
+    if not (split_dir / "samples.csv").is_file():
+        raise ConfigError(f"split data missing: {split_dir / 'samples.csv'} (run the split stage)")
+    table = pd.read_csv(split_dir / "samples.csv")
+    num_classes = int(torch.load(split_dir / "images.pt", weights_only=True, mmap=True)["num_classes"])
+    table["forget"] = select_forget(table, params["forget"], num_classes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "samples.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+    return _summary(table, num_classes)
+
+
+def prepare(params: dict, out_dir: str | Path) -> dict:
+    """Split and choose the forget set into one folder (the flat layout of a single run); nothing
+    is written if either fails."""
+    source, keep, table = _split_table(params["data"])
+    table["forget"] = select_forget(table, params["forget"], source.num_classes)
+    return _write(Path(out_dir), source, keep, table)
 
 
 # ---------------------------------------------------------------- reading prepared data
@@ -298,13 +332,15 @@ class PreparedData:
         return self.parts[name]
 
 
-def load_prepared(out_dir: str | Path) -> PreparedData:
-    """Read `prepare`'s outputs; images normalised with the train split's channel statistics."""
+def load_prepared(out_dir: str | Path, images_dir: str | Path | None = None) -> PreparedData:
+    """Read `prepare`'s samples.csv and the images.pt of `images_dir` (default: the same folder);
+    images normalised with the train split's channel statistics."""
     out_dir = Path(out_dir)
-    for name in ("images.pt", "samples.csv"):
-        if not (out_dir / name).is_file():
-            raise ConfigError(f"prepared data missing: {out_dir / name} (run the prepare stage)")
-    blob = torch.load(out_dir / "images.pt", weights_only=True)
+    images_dir = out_dir if images_dir is None else Path(images_dir)
+    for path in (images_dir / "images.pt", out_dir / "samples.csv"):
+        if not path.is_file():
+            raise ConfigError(f"prepared data missing: {path} (run the prepare stage)")
+    blob = torch.load(images_dir / "images.pt", weights_only=True)
     table = pd.read_csv(out_dir / "samples.csv")
     if not np.array_equal(blob["sample_ids"].numpy(), table["sample_id"].to_numpy()):
         raise ConfigError(f"{out_dir}: images.pt and samples.csv disagree; rerun the prepare stage")

@@ -42,7 +42,7 @@ from unlearnops.ledger import Ledger, Status
 from unlearnops.methods import UnlearnData
 from unlearnops.metrics.mia import loss_mia
 from unlearnops.outputs import eval_parts
-from unlearnops.pipeline import METRICS, PREPARED, write_json
+from unlearnops.pipeline import PREPARED, layout, write_json
 from unlearnops.stack import ModelStack
 from unlearnops.training import FitConfig, Runtime, Stream, predict, train_from_scratch
 
@@ -101,13 +101,16 @@ def data_files(params: dict) -> list[Path]:
     return [PREPARED / "images.pt", PREPARED / "samples.csv", Path(params["data"]["deleted"])]
 
 
-def choose_method(params: dict, metrics_dir: Path = METRICS / "methods") -> tuple[str, str]:
+def choose_method(params: dict, metrics_dir: Path | None = None) -> tuple[str, str]:
     """The unlearning method and why: `ops.method`, or with `auto` the best `final_score` of
-    the last benchmark (metrics/methods/*.json), else `ops.fallback_method`."""
+    the last benchmark in `ops.benchmark_setting` (evaluation/<setting>/*.json; or in
+    `metrics_dir`), else `ops.fallback_method`."""
     wanted = params["ops"]["method"]
     if wanted != "auto":
         methods.get_method(wanted, params)  # unknown names fail with the allowed list
         return wanted, "ops.method"
+    if metrics_dir is None:
+        metrics_dir = layout(params, params["ops"]["benchmark_setting"]).evidence
     scores = {}
     for path in sorted(Path(metrics_dir).glob("*.json")):
         result = json.loads(path.read_text())

@@ -26,6 +26,7 @@ class EvalConfig:
     mia_models: int
     mia_splits: int
     js_bins: int
+    time_budget: float  # the report flags methods slower than this fraction of retraining
 
 
 def eval_config(params: dict) -> EvalConfig:

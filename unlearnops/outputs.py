@@ -78,7 +78,9 @@ def eval_parts(data: PreparedData, retain_max_samples: int | None, seed: int) ->
 
 
 def run_outputs(stack: ModelStack, parts: dict, runtime: Runtime, wall_seconds: float) -> RunOutputs:
-    """Logits of every model of `stack` on every evaluation split."""
+    """Logits of every model of `stack` on every evaluation split that has samples (a data set's
+    target, trained before any forget set is chosen, has none: its retain part is all of train)."""
+    parts = {s: p for s, p in parts.items() if len(p)}
     logits = {s: predict(stack, p.x, runtime).numpy() for s, p in parts.items()}
     return RunOutputs(
         logits,

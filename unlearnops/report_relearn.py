@@ -26,7 +26,7 @@ def _folds(numbers: list[int]) -> str:
 
 
 def relearn_table(params: dict, metrics_dir: Path) -> pd.DataFrame:
-    """One row per (method, S): accuracy on T before the attack, after it (best epoch), and the
+    """From metrics_dir/relearn/*.json: one row per (method, S): accuracy on T before the attack, after it (best epoch), and the
     retrained models' accuracy on T after the same attack; means and standard deviations over models."""
     retrain = _read(metrics_dir, "retrain")
     rows = []
@@ -48,7 +48,7 @@ def relearn_table(params: dict, metrics_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _markdown(table: pd.DataFrame) -> str:
+def markdown(table: pd.DataFrame) -> str:
     cell = lambda row, name: f"{row[name + '_mean']:.3f} ± {row[name + '_std']:.3f}"  # noqa: E731
     shown = pd.DataFrame(
         {
@@ -103,6 +103,6 @@ def build(params: dict, metrics_dir: Path, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = out_dir / "relearn.csv", out_dir / "relearn.md", out_dir / "relearn.png"
     table.to_csv(csv_path, index=False)
-    md_path.write_text(_markdown(table))
+    md_path.write_text(markdown(table))
     relearn_plot(table, png_path)
     return [csv_path, md_path, png_path]

@@ -96,7 +96,7 @@ def cmd_request(args) -> int:
     params = load_params(args.params)
     ledger = deletion.open_ledger(params)
     if args.action == "submit":
-        return ledger_cli.cmd_submit(ledger, deletion.samples_table(), _ids(args.user_ids), _ids(args.sample_ids),
+        return ledger_cli.cmd_submit(ledger, deletion.samples_table(params), _ids(args.user_ids), _ids(args.sample_ids),
                                      args.file, reason=args.reason, actor=args.actor, deleted=params["data"]["deleted"])
     if args.action == "list":
         return ledger_cli.cmd_list(ledger, args.status)

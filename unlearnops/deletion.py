@@ -43,6 +43,7 @@ from unlearnops.methods import UnlearnData
 from unlearnops.metrics.mia import loss_mia
 from unlearnops.outputs import eval_parts
 from unlearnops.pipeline import PREPARED, layout, write_json
+from unlearnops.pipeline import dataset_layout as layout_of_dataset
 from unlearnops.stack import ModelStack
 from unlearnops.training import FitConfig, Runtime, Stream, predict, train_from_scratch
 
@@ -89,16 +90,27 @@ def open_ledger(params: dict) -> Ledger:
     return Ledger(ledger_url(params))
 
 
-def samples_table() -> Path:
-    path = PREPARED / "samples.csv"
+def production_data(params: dict | None = None) -> Path:
+    """The production data: the split of `ops.dataset` that the benchmark grid wrote
+    (data/split/<dataset>), else the flat layout of a single run (data/prepared)."""
+    if params is not None and params.get("datasets"):
+        grid = layout_of_dataset(params["ops"]["dataset"]).split
+        if (grid / "samples.csv").is_file():
+            return grid
+    return PREPARED
+
+
+def samples_table(params: dict | None = None) -> Path:
+    path = production_data(params) / "samples.csv"
     if not path.is_file():
-        raise ConfigError(f"samples table not found: {path} (run the prepare stage: dvc repro prepare)")
+        raise ConfigError(f"samples table not found: {path} (run the prepare stage: dvc repro prepare, or split@<ops.dataset>)")
     return path
 
 
 def data_files(params: dict) -> list[Path]:
-    """The files a candidate's data depends on: the prepared data and the deletion list."""
-    return [PREPARED / "images.pt", PREPARED / "samples.csv", Path(params["data"]["deleted"])]
+    """The files a candidate's data depends on: the production data and the deletion list."""
+    folder = production_data(params)
+    return [folder / "images.pt", folder / "samples.csv", Path(params["data"]["deleted"])]
 
 
 def choose_method(params: dict, metrics_dir: Path | None = None) -> tuple[str, str]:
@@ -141,7 +153,7 @@ def claim(params: dict) -> list[str]:
     pending = ledger.pending()
     if not pending:
         return []
-    table = pd.read_csv(samples_table())
+    table = pd.read_csv(samples_table(params))
     train_ids = set(table.loc[table["split"] == "train", "sample_id"].tolist())
     deleted = read_deleted_ids(params["data"]["deleted"])
     claimed = []
@@ -156,7 +168,7 @@ def claim(params: dict) -> list[str]:
             if gone:
                 problems.append(f"sample ids already deleted by another request: {gone[:20]}")
             if unknown:
-                problems.append(f"sample ids not in the train split of {PREPARED}/samples.csv: {unknown[:20]} "
+                problems.append(f"sample ids not in the train split of {production_data(params)}/samples.csv: {unknown[:20]} "
                                 "(was the data prepared again with other settings?)")
             ledger.transition(request.id, Status.failed, actor=ACTOR, note="; ".join(problems))
         else:
@@ -215,7 +227,7 @@ def plan(params: dict, request_ids: list[str]) -> Path:
 def _parts(params: dict, forget_ids: list[int]) -> tuple:
     """(prepared data, parts): forget = the requested samples; retain = the rest of the train
     split minus the deletion list (also when `prepare` has not run since the last approval)."""
-    data = load_prepared(PREPARED)
+    data = load_prepared(production_data(params))
     train = data["train"]
     forget = np.isin(train.ids, forget_ids)
     if forget.sum() != len(set(forget_ids)):

@@ -49,6 +49,7 @@ def test_setting_params_merge_data_set_and_forget_overrides(repo_params):
 
 @pytest.mark.parametrize("change, message", [
     (lambda p: p["settings"].update({"bad/name": {"dataset": "digits"}}), "settings name 'bad/name' must be letters, digits"),
+    (lambda p: p["settings"].update({"digits-random-0.5": {"dataset": "digits"}}), r"settings name 'digits-random-0.5' must be .* no '\.'"),
     (lambda p: p["settings"].update({"x": {"dataset": "mnist"}}), "unknown dataset 'mnist'; allowed: digits"),
     (lambda p: p["settings"].update({"x": {"dataset": "digits", "forgt": {}}}), r"settings.x: unknown key\(s\) \['forgt'\]; allowed: dataset, forget"),
     (lambda p: p["settings"].update({"x": {"dataset": "digits", "forget": {"fractoin": 0.1}}}), "settings.x.forget: unknown key 'fractoin'; allowed: mode"),

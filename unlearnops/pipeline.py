@@ -47,7 +47,7 @@ REPORTS = Path("reports")
 
 DATASET_SECTIONS = ("data", "model", "train")  # what a data set may override: what its target depends on
 SETTING_KEYS = ("dataset", "forget")
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a folder name and a DVC stage-name part
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder name, a DVC stage-name part and a params key (DVC reads a dot as nesting)
 
 
 # ---------------------------------------------------------------- the grid
@@ -69,7 +69,7 @@ def _merge(base: dict, overrides: dict, where: str) -> dict:
 def _entry(params: dict, section: str, name: str, allowed: tuple[str, ...]) -> dict:
     """params[section][name], checked: a safe name, a known entry, only `allowed` keys."""
     if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
-        raise ConfigError(f"{section} name {name!r} must be letters, digits, '.', '_' or '-' (a folder and a DVC stage name)")
+        raise ConfigError(f"{section} name {name!r} must be letters, digits, '_' or '-' (a folder, a DVC stage name and a params key: no '.')")
     entries = params.get(section) or {}
     choose(name, entries, section[:-1])
     entry = entries[name] or {}

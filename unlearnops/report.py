@@ -124,7 +124,8 @@ def table_markdown(shown: pd.DataFrame, budget: float) -> str:
     flat = shown.copy()
     flat.columns = [f"{setting}: {measure}" for setting, measure in shown.columns]
     note = (f"\n\n{OVER_BUDGET} time / retrain above evaluate.time_budget = {budget:g}. Final: the competition score "
-            "with its interval; the last row scores half of the retrained models against the other half.\n")
+            "with its 95% interval over the forget examples, these N models fixed (it leaves out model-sampling noise, "
+            "and F depends on N: see ranking_stability.md); the last row scores half of the retrained models against the other half.\n")
     return flat.reset_index().to_markdown(index=False) + note
 
 
@@ -151,7 +152,7 @@ def disjoint_ranks(res: SettingResults, groups: tuple[int, ...], seed: int) -> p
     """Final and rank of every run on DISJOINT subsets of the models: for g groups, models are
     split (one seeded order) into g parts of N // g; part i of the unlearned models is scored
     against part i of the retrained ones. Independent subsets show how much the ranking depends
-    on which models were drawn, apart from the intervals (which resample one set of models)."""
+    on which models were drawn, apart from the intervals (which hold one set of models fixed and vary the forget examples)."""
     n = min(res.retrained.n_models, *(o.n_models for o in res.outputs.values()))
     order = np.random.default_rng(seed).permutation(n)
     conf_r = evaluation.forget_confidences(res.retrained)
@@ -263,7 +264,7 @@ def plot_final_vs_time(res: SettingResults, path: Path) -> Path:
     ax.axvline(retrain_seconds * res.budget, color="tab:red", ls=":", lw=1, label=f"time budget ({res.budget:g} x retrain)")
     ax.set_xscale("log")
     ax.set_xlabel("time per model [s] (log)")
-    ax.set_ylabel("Final score (with interval)")
+    ax.set_ylabel("Final score (95% interval over forget examples)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

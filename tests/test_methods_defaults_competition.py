@@ -6,7 +6,9 @@ test-only hyperparameters) on digits with the default forget set and architectur
 `unlearn.seed`. Against the 4 models retrained on retain it must
 - keep the mean test accuracy within 5 points of the retrained models' (no degenerate method),
 - move the mean forget confidence (the competition's logit-scaled confidence) from the
-  target's in the direction of the retrained models'.
+  target's in the direction of the retrained models', measured on the default grid's class
+  setting (conftest.digits_class_setup): on digits' random forget sets the target's confidence
+  is already within the retrained models' spread, so there is no direction to move in.
 The defining steps are checked against the authors' rules in test_methods_competition.py and
 test_methods_pruning.py; time goes in benchmarks/competition_defaults.py, not in tests.
 """
@@ -32,16 +34,23 @@ def forget_confidence(stack: ModelStack, forget, runtime) -> float:
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_default_method_keeps_test_accuracy_and_moves_forget_confidence_toward_retraining(name, digits_default_setup, one_thread):
-    params, data, unlearn_data, target, retrained, runtime = digits_default_setup
-    seeds = [int(params["unlearn"]["seed"]) + i for i in range(RUNS)]
-    unlearned = get_method(name, params).unlearn(ModelStack.replicate(target, seeds), unlearn_data, runtime)
-    assert unlearned.n == RUNS
+def test_default_method_keeps_test_accuracy_and_moves_forget_confidence_toward_retraining(name, digits_default_setup, digits_class_setup, one_thread):
+    def run(setup) -> ModelStack:
+        params, _, unlearn_data, target, _, runtime = setup
+        seeds = [int(params["unlearn"]["seed"]) + i for i in range(RUNS)]
+        return get_method(name, params).unlearn(ModelStack.replicate(target, seeds), unlearn_data, runtime)
 
+    _, data, _, _, retrained, runtime = digits_default_setup
+    unlearned = run(digits_default_setup)
+    assert unlearned.n == RUNS
     test = {who: float(accuracy(stack, data["test"], runtime).mean()) for who, stack in (("method", unlearned), ("retrain", retrained))}
-    confidence = {who: forget_confidence(stack, data["forget"], runtime) for who, stack in (("target", target), ("retrain", retrained), ("method", unlearned))}
-    print(f"\n{name}: test accuracy {test}, forget confidence {confidence}")
+    print(f"\n{name}: test accuracy {test}")
     assert abs(test["method"] - test["retrain"]) <= TEST_POINTS, test
-    # The retrained models never saw the forget set: they are less confident on it than the target.
+
+    _, data, _, target, retrained, runtime = digits_class_setup
+    unlearned = run(digits_class_setup)
+    confidence = {who: forget_confidence(stack, data["forget"], runtime) for who, stack in (("target", target), ("retrain", retrained), ("method", unlearned))}
+    print(f"{name}: forget confidence on the class setting {confidence}")
+    # The retrained models never saw the forgotten class: they are far less confident on it than the target.
     assert confidence["retrain"] < confidence["target"], confidence
     assert confidence["method"] < confidence["target"], confidence

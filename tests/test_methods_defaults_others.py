@@ -4,8 +4,9 @@ the authors' code those defaults rely on.
 Whole-method tests run every method exactly as params.yaml configures it on the default setting
 (digits, random 2% forget set, small_resnet; `digits_default_setup`), 4 runs from
 `unlearn.seed`, against the fixture's 4 retrained models: test accuracy within 5 points of
-theirs, and a mean forget confidence (the competition's logit-scaled confidence) closer to
-theirs than the target's is. The defining steps are checked on their own: passes with one
+theirs, and, on the default grid's class setting (`digits_class_setup`: on digits' random forget
+sets the target's confidence is already within the retrained models' spread), a mean forget
+confidence (the competition's logit-scaled confidence) closer to theirs than the target's is. The defining steps are checked on their own: passes with one
 optimiser (SalUn, random labels, SCRUB), SalUn's frozen weights, SCRUB's schedule and max-step,
 MUSO's w0 and its linear exactness, Blend's random feature network.
 """
@@ -56,6 +57,12 @@ def reference(digits_default_setup):
     return {"target": summary(target, data, runtime), "retrained": summary(retrained, data, runtime)}
 
 
+@pytest.fixture(scope="module")
+def class_reference(digits_class_setup):
+    _, data, _, target, retrained, runtime = digits_class_setup
+    return {"target": summary(target, data, runtime), "retrained": summary(retrained, data, runtime)}
+
+
 def run_default(name: str, setup, retain=None):
     params, data, unlearn_data, target, _, runtime = setup
     if retain is not None:
@@ -63,29 +70,39 @@ def run_default(name: str, setup, retain=None):
     return get_method(name, params).unlearn(ModelStack.replicate(target, unlearn_seeds(params)), unlearn_data, runtime)
 
 
-def check_against_retraining(got: dict, reference: dict) -> None:
-    target, retrained = reference["target"], reference["retrained"]
-    print(f"\ntarget {target}\nretrained {retrained}\nmethod {got}")
-    assert abs(got["test"] - retrained["test"]) <= TEST_ACCURACY_MARGIN
-    assert abs(got["confidence"] - retrained["confidence"]) < abs(target["confidence"] - retrained["confidence"])
+def check_against_retraining(got: dict, reference: dict, got_on_class: dict, class_reference: dict) -> None:
+    """Test accuracy on the default setting; forget confidence on the class setting."""
+    print(f"\ntarget {reference['target']}\nretrained {reference['retrained']}\nmethod {got}")
+    assert abs(got["test"] - reference["retrained"]["test"]) <= TEST_ACCURACY_MARGIN
+    target, retrained = class_reference["target"], class_reference["retrained"]
+    print(f"class setting: target {target}\nretrained {retrained}\nmethod {got_on_class}")
+    assert abs(got_on_class["confidence"] - retrained["confidence"]) < abs(target["confidence"] - retrained["confidence"])
 
 
 # ------------------------------------------------------------------ whole methods, defaults
 
 
-@pytest.mark.parametrize("name", ["finetune", "neggrad_plus", "random_label", "salun", "scrub", "layered"])
-def test_default_method_keeps_test_accuracy_and_moves_forget_confidence_toward_retraining(name, digits_default_setup, reference, one_thread):
-    params, data, *_, runtime = digits_default_setup
-    check_against_retraining(summary(run_default(name, digits_default_setup), data, runtime), reference)
+# Known finding (issue 11 stays open on it): at their defaults these three do not forget a whole
+# class; their forget confidence on class 0 rises above the target's (e.g. finetune 7.7 -> 8.9,
+# retrained -10.9). Strict: the day they pass, the mark must go.
+NO_CLASS_FORGETTING = pytest.mark.xfail(strict=True, reason="at its defaults it does not move a whole class's forget confidence toward retraining")
+
+
+@pytest.mark.parametrize("name", [pytest.param("finetune", marks=NO_CLASS_FORGETTING), "neggrad_plus", pytest.param("random_label", marks=NO_CLASS_FORGETTING),
+                                  pytest.param("salun", marks=NO_CLASS_FORGETTING), "scrub", "layered"])
+def test_default_method_keeps_test_accuracy_and_moves_forget_confidence_toward_retraining(name, digits_default_setup, reference, digits_class_setup, class_reference, one_thread):
+    got = summary(run_default(name, digits_default_setup), digits_default_setup[1], digits_default_setup[-1])
+    got_on_class = summary(run_default(name, digits_class_setup), digits_class_setup[1], digits_class_setup[-1])
+    check_against_retraining(got, reference, got_on_class, class_reference)
 
 
 def test_default_muso_warns_that_its_relabelling_is_the_identity_and_keeps_test_accuracy(digits_default_setup, reference, one_thread):
-    """small_resnet's head has 64 features: keep_ratio x retain rows (247) span all of them, the
+    """small_resnet's head has 32 features: keep_ratio x retain rows (247) span all of them, the
     projector is the identity, and MUSO's labels are the original's predictions (it is then
     fine-tuning on [retain; forget], which keeps the forget confidence where it was)."""
     params, data, unlearn_data, target, _, runtime = digits_default_setup
     method = get_method("muso", params)
-    with pytest.warns(UserWarning, match=r"muso: the projector has \d+ retain rows for 65 head inputs"):
+    with pytest.warns(UserWarning, match=r"muso: the projector has \d+ retain rows for \d+ head inputs"):
         unlearned = method.unlearn(ModelStack.replicate(target, unlearn_seeds(params)), unlearn_data, runtime)
     original_predictions = predict(target, data["forget"].x, runtime)[0].argmax(-1)
     assert torch.equal(method.forget_labels[0], original_predictions.expand(N_RUNS, -1))
@@ -93,14 +110,15 @@ def test_default_muso_warns_that_its_relabelling_is_the_identity_and_keeps_test_
     assert abs(got["test"] - reference["retrained"]["test"]) <= TEST_ACCURACY_MARGIN
 
 
-def test_default_a_amu_keeps_test_accuracy(digits_default_setup, reference, one_thread):
-    """A-AMU matches the forget losses to unseen (validation) losses; on digits that pulls the
-    mean forget confidence below the retrained models' (see the report), so only its test
-    accuracy and the direction of the move are checked here."""
+def test_default_a_amu_keeps_test_accuracy(digits_default_setup, reference, digits_class_setup, class_reference, one_thread):
+    """A-AMU matches the forget losses to unseen (validation) losses; on digits that can pull the
+    mean forget confidence past the retrained models' (see the report), so only its test
+    accuracy and the direction of the move (on the class setting) are checked here."""
     _, data, *_, runtime = digits_default_setup
     got = summary(run_default("a_amu", digits_default_setup), data, runtime)
-    target, retrained = reference["target"], reference["retrained"]
-    assert abs(got["test"] - retrained["test"]) <= TEST_ACCURACY_MARGIN
+    assert abs(got["test"] - reference["retrained"]["test"]) <= TEST_ACCURACY_MARGIN
+    got = summary(run_default("a_amu", digits_class_setup), digits_class_setup[1], runtime)
+    target, retrained = class_reference["target"], class_reference["retrained"]
     assert np.sign(got["confidence"] - target["confidence"]) == np.sign(retrained["confidence"] - target["confidence"])
 
 

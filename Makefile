@@ -26,7 +26,8 @@ bench: setup        ## speed benchmarks; they print tables
 	$(PY) benchmarks/pipeline_stage_times.py
 
 clean:              ## remove pipeline outputs (not the venv)
-	rm -rf data/prepared models/target models/retrain models/unlearned metrics reports mlflow.db mlartifacts
+	rm -rf data/split data/prepared evaluation metrics reports mlflow.db mlartifacts
+	find models -mindepth 1 -maxdepth 1 ! -name ops -exec rm -rf {} + 2>/dev/null || true   # the deletion flow's work folders (models/ops) stay
 
 serve: setup        ## the deletion-request flow on its schedule (params.yaml ops.schedule); Ctrl-C stops it
 	$(PY) flows/deletion.py serve

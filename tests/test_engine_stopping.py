@@ -143,3 +143,19 @@ def test_unlearner_fit_monitors_retain_and_validation(start, parts, finetune_cfg
     assert [desc for desc, _ in method.fit_epochs] == ["finetune"]
     assert method.fit_epochs[0][1].tolist() == epochs.tolist()
     torch.testing.assert_close(unlearned.params["0.weight"], expected.params["0.weight"])
+
+
+def test_finetune_reaches_the_stopping_rule_through_its_params(tiny_setup, one_thread):
+    """methods.finetune.fit.stop_patience is the user's switch: finetune fits through
+    Unlearner.fit, which monitors retain and validation and records each run's epochs."""
+    import copy
+
+    from unlearnops.methods import get_method
+
+    params, _, unlearn_data, target, runtime = tiny_setup
+    params = copy.deepcopy(params)
+    params["methods"]["finetune"]["fit"].update(epochs=6, stop_patience=PATIENCE)
+    method = get_method("finetune", params)
+    method.unlearn(ModelStack.replicate(target, [2000, 2001]), unlearn_data, runtime)
+    (desc, epochs), = method.fit_epochs
+    assert desc == "finetune" and epochs.shape == (2,) and bool(((epochs >= PATIENCE) & (epochs <= 6)).all())

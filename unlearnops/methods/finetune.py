@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.training import cross_entropy_on, fit
+from unlearnops.training import cross_entropy_on
 
 
 @register("finetune")
@@ -22,4 +22,5 @@ class Finetune(Unlearner):
 
     def unlearn(self, models, data, runtime):
         streams = {"retain": self.retain_stream(data)}
-        return fit(models, streams, cross_entropy_on("retain"), self.fit_config(), runtime, driver="retain", desc=self.name)
+        # Through Unlearner.fit: `stop_patience` in methods.finetune.fit turns on the seed study's stopping rule.
+        return self.fit(data, models, streams, cross_entropy_on("retain"), self.fit_config(), runtime, driver="retain", desc=self.name)

@@ -34,7 +34,7 @@ from prefect import runtime as prefect_runtime
 from prefect.cache_policies import NO_CACHE
 
 from unlearnops import tracking
-from unlearnops.orchestration import deploy
+from unlearnops.ops.orchestration import deploy
 from unlearnops.config import ConfigError, load_params
 
 

@@ -5,9 +5,9 @@
     python flows/deletion.py deploy  the same schedule as a deployment on the work pool
                                      `ops.work_pool` of the server at PREFECT_API_URL
 
-The work is in unlearnops.deletion; each task here is one of its steps, with plain inputs
+The work is in unlearnops.ops.deletion; each task here is one of its steps, with plain inputs
 (a params path, request ids, a work folder) so Prefect never serialises a model. Tasks do not
-cache: resuming after a crash is the library's job (see unlearnops/deletion.py).
+cache: resuming after a crash is the library's job (see unlearnops/ops/deletion.py).
 Run from the repository root: paths in params.yaml are relative to it.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ from datetime import timedelta
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from unlearnops import deletion
+from unlearnops.ops import deletion
 from unlearnops.config import load_params
-from unlearnops.orchestration import deploy, prefect_api
+from unlearnops.ops.orchestration import deploy, prefect_api
 
 
 @task(cache_policy=NO_CACHE)

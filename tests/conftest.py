@@ -130,7 +130,7 @@ def digits_class_setup(repo_params, tmp_path_factory):
     memorises its forget samples (its confidence on them is within the retrained models' spread),
     so "moves toward retraining" is measured here, where the two are far apart. Same returns as
     digits_default_setup."""
-    from unlearnops.pipeline import setting_params
+    from unlearnops.layout import setting_params
 
     name = next(n for n, s in repo_params["settings"].items() if s.get("forget", {}).get("mode") == "class")
     return _default_setup(setting_params(copy.deepcopy(repo_params), name), tmp_path_factory.mktemp("digits_class"))

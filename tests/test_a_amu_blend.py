@@ -152,7 +152,8 @@ def test_blend_that_would_empty_a_class_is_an_error(tiny_setup):
 
 @pytest.mark.slow
 def test_blend_stages_write_condensed_runs_and_report_them(tiny_params, tmp_path, monkeypatch):
-    from unlearnops import pipeline
+    from unlearnops import layout, pipeline
+    from unlearnops.data import load_prepared
     from unlearnops.cli import run_stage
 
     params = copy.deepcopy(tiny_params)
@@ -176,7 +177,7 @@ def test_blend_stages_write_condensed_runs_and_report_them(tiny_params, tmp_path
     metrics = json.loads((tmp_path / "metrics/methods/finetune+blend.json").read_text())
     sizes = metrics["condense"]
     print("retain-set sizes:", sizes)
-    assert sizes["retain_before"] == len(pipeline.data_lib.load_prepared(pipeline.PREPARED)["retain"])
+    assert sizes["retain_before"] == len(load_prepared(layout.PREPARED)["retain"])
     assert sizes["retain_after"] == sizes["kept"] + sizes["blended"] <= sizes["retain_before"] // 2
     assert metrics["method"] == "finetune+blend" and metrics["n_models"] == 4
     assert (tmp_path / "models/unlearned/finetune+blend/models.pt").is_file()

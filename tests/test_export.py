@@ -7,9 +7,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from unlearnops import export
+from unlearnops.ops import export
 from unlearnops.config import ConfigError
-from unlearnops.export import ExportError, OnnxConfig
+from unlearnops.ops.export import ExportError, OnnxConfig
 from unlearnops.nets import build_model
 
 STRICT = OnnxConfig(opset=17, max_abs_logit_diff=1e-4, min_top1_agreement=1.0, parity_max_samples=None)

@@ -15,7 +15,8 @@ import torch
 from conftest import REPO
 from unlearnops import data as data_lib
 from unlearnops import methods as methods_pkg
-from unlearnops import pipeline, report_relearn
+from unlearnops import layout, pipeline
+from unlearnops.report import relearn as report_relearn
 from unlearnops.config import ConfigError
 from unlearnops.folds import assign_folds, layered_stages, part_where, proper_subsets
 from unlearnops.methods import get_method
@@ -240,9 +241,9 @@ def stage_dir(tiny_setup, tiny_params, tmp_path, monkeypatch):
     params["condense"]["methods"] = []
     params["evaluate"].update(mia_models=2, mia_splits=2)
     params["relearn"].update(n_models=2, fit={**params["relearn"]["fit"], "epochs": 2, "batch_size": 4})
-    data_lib.prepare(params, pipeline.PREPARED)
-    parts = eval_parts(data_lib.load_prepared(pipeline.PREPARED), None, 0)
-    for folder, seeds in ((pipeline.RETRAIN, [0, 1, 2]), (pipeline.UNLEARNED / "finetune", [5, 6, 7])):
+    data_lib.prepare(params, layout.PREPARED)
+    parts = eval_parts(data_lib.load_prepared(layout.PREPARED), None, 0)
+    for folder, seeds in ((layout.RETRAIN, [0, 1, 2]), (layout.UNLEARNED / "finetune", [5, 6, 7])):
         stack = ModelStack.replicate(target, seeds)
         stack.save(folder / "models.pt")
         run_outputs(stack, parts, runtime, 1.0).save(folder / "logits.npz")
@@ -256,10 +257,10 @@ def test_evaluate_stages_write_relearning_metrics_with_the_retrain_reference(sta
 
     retrain = pipeline.evaluate_retrain(params)["relearn"]
     pipeline.evaluate(params, "finetune")
-    method = json.loads((pipeline.METRICS / "relearn" / "finetune.json").read_text())
-    assert json.loads((pipeline.METRICS / "relearn" / "retrain.json").read_text())["name"] == "retrain"
+    method = json.loads((layout.METRICS / "relearn" / "finetune.json").read_text())
+    assert json.loads((layout.METRICS / "relearn" / "retrain.json").read_text())["name"] == "retrain"
     assert method["name"] == "finetune" and method["n_models"] == 2 and method["k"] == 2 and method["epochs"] == 2
-    assert sum(method["fold_sizes"]) == len(data_lib.load_prepared(pipeline.PREPARED)["forget"])
+    assert sum(method["fold_sizes"]) == len(data_lib.load_prepared(layout.PREPARED)["forget"])
     assert set(method["subsets"]) == {"F1", "F2"}
     for key, entry in method["subsets"].items():
         assert {"S", "T", "n_train", "n_target", "before", "after", "per_epoch", "retrain", "gap_to_retrain"} <= set(entry)
@@ -269,8 +270,8 @@ def test_evaluate_stages_write_relearning_metrics_with_the_retrain_reference(sta
         assert entry["gap_to_retrain"] == pytest.approx(entry["after"]["mean"] - retrain["subsets"][key]["after"]["mean"])
     assert "retrain" not in retrain["subsets"]["F1"]
     # retrain's MIA is computed once, by evaluate_retrain, and copied into every method's metrics.
-    retrain_mia = json.loads(pipeline.RETRAIN_MIA.read_text())
-    assert json.loads((pipeline.METRICS / "methods" / "finetune.json").read_text())["retrain_mia"] == retrain_mia
+    retrain_mia = json.loads(layout.RETRAIN_MIA.read_text())
+    assert json.loads((layout.METRICS / "methods" / "finetune.json").read_text())["retrain_mia"] == retrain_mia
 
     # Both stages logged the attack to their own MLflow run.
     import mlflow
@@ -288,22 +289,22 @@ def test_evaluate_stages_write_relearning_metrics_with_the_retrain_reference(sta
 def test_report_section_builds_table_and_plot(stage_dir):
     params = stage_dir
     with pytest.raises(FileNotFoundError, match="relearn/retrain.json not found"):
-        report_relearn.build(params, pipeline.METRICS, pipeline.REPORTS)
+        report_relearn.build(params, layout.METRICS, layout.REPORTS)
     pipeline.evaluate_retrain(params)
     pipeline.evaluate(params, "finetune")
-    paths = report_relearn.build(params, pipeline.METRICS, pipeline.REPORTS)
+    paths = report_relearn.build(params, layout.METRICS, layout.REPORTS)
     assert [p.name for p in paths] == ["relearn.csv", "relearn.md", "relearn.png"]
 
-    table = pd.read_csv(pipeline.REPORTS / "relearn.csv")
+    table = pd.read_csv(layout.REPORTS / "relearn.csv")
     assert list(table["method"]) == ["retrain", "retrain", "finetune", "finetune"]
     assert list(table["S"]) == ["F1", "F2", "F1", "F2"]
-    result = json.loads((pipeline.METRICS / "relearn" / "finetune.json").read_text())
+    result = json.loads((layout.METRICS / "relearn" / "finetune.json").read_text())
     row = table[(table["method"] == "finetune") & (table["S"] == "F2")].iloc[0]
     assert row["after_mean"] == pytest.approx(result["subsets"]["F2"]["after"]["mean"])
     assert row["retrain_after_mean"] == pytest.approx(result["subsets"]["F2"]["retrain"]["after"]["mean"])
-    markdown = (pipeline.REPORTS / "relearn.md").read_text()
+    markdown = (layout.REPORTS / "relearn.md").read_text()
     assert "| finetune" in markdown and "retrain after attack" in markdown
-    assert (pipeline.REPORTS / "relearn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (layout.REPORTS / "relearn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------- the paper's 2D experiment

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from unlearnops.ledger import (
+from unlearnops.ops.ledger import (
     TRANSITIONS,
     Ledger,
     LedgerError,
@@ -14,7 +14,7 @@ from unlearnops.ledger import (
     apply_approved,
     read_request_file,
 )
-from unlearnops.ledger_cli import cmd_list, cmd_show, cmd_submit
+from unlearnops.ops.ledger_cli import cmd_list, cmd_show, cmd_submit
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 

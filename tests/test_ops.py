@@ -31,9 +31,10 @@ from prefect.testing.utilities import prefect_test_harness
 from flows import benchmark as benchmark_flow
 from flows.deletion import deletion_requests, schedule
 from conftest import REPO, tiny
-from unlearnops import cli, deletion, pipeline, registry, tracking
+from unlearnops import cli, layout, pipeline, tracking
+from unlearnops.ops import deletion, model_registry
 from unlearnops.data import load_prepared
-from unlearnops.ledger import Status
+from unlearnops.ops.ledger import Status
 from unlearnops.stack import ModelStack
 
 LOOSE_GATES = {"max_forget_accuracy_gap": 1.0, "max_mia_auc_gap": 1.0, "max_test_accuracy_drop": 1.0,
@@ -91,8 +92,8 @@ def ops(trained, tmp_path, monkeypatch, request):
     write_params(params)
     mlflow_ = tracking.configure(params)
     with mlflow_.start_run(run_name="target") as run:
-        registry.register_first_champion(mlflow_, run, params, ModelStack.load(pipeline.TARGET / "models.pt"),
-                                         load_prepared(pipeline.PREPARED)["test"].x, {}, deletion.data_files(params))
+        model_registry.register_first_champion(mlflow_, run, params, ModelStack.load(layout.TARGET / "models.pt"),
+                                         load_prepared(layout.PREPARED)["test"].x, {}, deletion.data_files(params))
     return params
 
 
@@ -104,13 +105,13 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
 
 def train_users(n: int) -> list[int]:
     """n users with at least two training samples."""
-    table = pd.read_csv(pipeline.PREPARED / "samples.csv")
+    table = pd.read_csv(layout.PREPARED / "samples.csv")
     counts = table[table["split"] == "train"].groupby("user_id").size()
     return [int(u) for u in counts[counts >= 2].index[:n]]
 
 
 def user_samples(user: int) -> list[int]:
-    table = pd.read_csv(pipeline.PREPARED / "samples.csv")
+    table = pd.read_csv(layout.PREPARED / "samples.csv")
     return sorted(table[(table["user_id"] == user) & (table["split"] == "train")]["sample_id"].tolist())
 
 
@@ -131,21 +132,21 @@ def snapshot(ledger) -> list[tuple]:
 
 def test_train_target_registers_the_target_as_first_champion_once(trained):
     root, params = trained
-    client = registry.client(params)
-    champion = registry.get_alias(client, "trained", registry.CHAMPION)
+    client = model_registry.client(params)
+    champion = model_registry.get_alias(client, "trained", model_registry.CHAMPION)
     assert champion is not None and champion.version == 1
     tags = champion.tags
     assert tags["unlearnops.role"] == "target"
-    assert tags["data_hash"] == registry.data_hash([root / p for p in deletion.data_files(params)])
-    assert tags["code_version"] == registry.code_version() != "unknown"
+    assert tags["data_hash"] == model_registry.data_hash([root / p for p in deletion.data_files(params)])
+    assert tags["code_version"] == model_registry.code_version() != "unknown"
     assert float(tags["onnx.max_abs_logit_diff"]) <= params["ops"]["onnx"]["max_abs_logit_diff"]
     assert 0 < float(tags["metric.target.test_accuracy"]) <= 1
     target = ModelStack.load(root / "models" / "target" / "models.pt")
-    registered = registry.load_stack(client, "trained", "1")
+    registered = model_registry.load_stack(client, "trained", "1")
     assert all(torch.equal(registered.params[k], target.params[k]) for k in target.params)
     with contextlib.chdir(root), mlflow.start_run(run_name="again") as run:  # a champion exists: no-op
-        assert registry.register_first_champion(mlflow, run, params, target, torch.zeros(2, 1, 8, 8), {}, []) is None
-    assert numbers(registry.versions(client, "trained")) == ["1"]
+        assert model_registry.register_first_champion(mlflow, run, params, target, torch.zeros(2, 1, 8, 8), {}, []) is None
+    assert numbers(model_registry.versions(client, "trained")) == ["1"]
 
 
 def test_request_cli_submits_lists_shows_and_rejects_bad_requests(ops, capsys, tmp_path, monkeypatch):
@@ -192,7 +193,7 @@ def test_request_cli_submits_lists_shows_and_rejects_bad_requests(ops, capsys, t
 
 
 def test_request_cli_without_prepared_data_says_what_to_run(ops, capsys):
-    shutil.rmtree(pipeline.PREPARED)
+    shutil.rmtree(layout.PREPARED)
     code, out = run_cli(capsys, "request", "submit", "--user-ids", "1")
     assert code == 2 and "samples table not found: data/prepared/samples.csv (run the prepare stage" in out
 
@@ -214,16 +215,16 @@ def test_flow_registers_a_candidate_and_approval_makes_it_champion_and_deletes_t
     outcome = deletion_requests("params.yaml")
     assert outcome == {"version": "2", "unlearned": ["req-000001", "req-000002"], "failed": []}
 
-    client = registry.client(ops)
-    version = registry.get_version(client, name, 2)
+    client = model_registry.client(ops)
+    version = model_registry.get_version(client, name, 2)
     tags = version.tags
-    assert version.aliases == [registry.CANDIDATE]
-    assert registry.get_alias(client, name, registry.CHAMPION).version == 1
+    assert version.aliases == [model_registry.CANDIDATE]
+    assert model_registry.get_alias(client, name, model_registry.CHAMPION).version == 1
     assert tags["request_ids"] == "req-000001,req-000002" and tags["n_forget_samples"] == str(len(forget))
     assert tags["method"] == "finetune" and "ops.fallback_method" in tags["method_reason"]
     assert tags["base_version"] == "1" and tags["review_status"] == "pending" and tags["gates"] == "passed"
-    assert tags["data_hash"] == registry.data_hash(deletion.data_files(ops))
-    assert tags["code_version"] == registry.code_version()
+    assert tags["data_hash"] == model_registry.data_hash(deletion.data_files(ops))
+    assert tags["code_version"] == model_registry.code_version()
     assert {k for k in tags if k.startswith("gate.")} == {"gate.forget_accuracy", "gate.mia", "gate.test_accuracy",
                                                           "gate.retain_accuracy"}
     assert all(tags[k].startswith("pass") for k in tags if k.startswith("gate."))
@@ -231,13 +232,13 @@ def test_flow_registers_a_candidate_and_approval_makes_it_champion_and_deletes_t
         for metric in ("forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc"):
             assert 0 <= float(tags[f"metric.{model}.{metric}"]) <= 1
     # The champion is evaluated on the same forget set: its metrics match a fresh computation.
-    test = load_prepared(pipeline.PREPARED)["test"]
-    champion_stack = registry.load_stack(client, name, 1)
+    test = load_prepared(layout.PREPARED)["test"]
+    champion_stack = model_registry.load_stack(client, name, 1)
     champion_test_acc = (champion_stack.module(0)(test.x).argmax(1) == test.y).float().mean().item()
     assert float(tags["metric.champion.test_accuracy"]) == pytest.approx(champion_test_acc, abs=1e-4)
 
     # The registered weights are the unlearned model; its ONNX file computes the same logits.
-    candidate_stack = registry.load_stack(client, name, 2)
+    candidate_stack = model_registry.load_stack(client, name, 2)
     assert any(not torch.equal(candidate_stack.params[k], champion_stack.params[k]) for k in champion_stack.params)
     assert float(tags["onnx.max_abs_logit_diff"]) <= ops["ops"]["onnx"]["max_abs_logit_diff"]
     import onnxruntime as ort
@@ -257,9 +258,9 @@ def test_flow_registers_a_candidate_and_approval_makes_it_champion_and_deletes_t
                                                ("processing", "unlearned")]
 
     # Idempotent: a second run finds nothing pending and changes nothing.
-    before, n_versions = snapshot(ledger), len(registry.versions(client, name))
+    before, n_versions = snapshot(ledger), len(model_registry.versions(client, name))
     assert deletion_requests("params.yaml") == {"version": None, "unlearned": [], "failed": []}
-    assert snapshot(ledger) == before and len(registry.versions(client, name)) == n_versions
+    assert snapshot(ledger) == before and len(model_registry.versions(client, name)) == n_versions
 
     # The same user asks again before the review: accepted, to be handled after it.
     assert run_cli(capsys, "request", "submit", "--user-ids", str(user_a))[0] == 0
@@ -277,9 +278,9 @@ def test_flow_registers_a_candidate_and_approval_makes_it_champion_and_deletes_t
     # Approval: the alias moves, the decision is recorded, the samples join the deletion list.
     code, out = run_cli(capsys, "review", "approve", "2", "--reviewer", "carol", "--reason", "evidence is fine")
     assert code == 0 and "v2 is now the champion" in out
-    version = registry.get_version(client, name, 2)
-    assert registry.get_alias(client, name, registry.CHAMPION).version == 2
-    assert registry.get_alias(client, name, registry.CANDIDATE) is None
+    version = model_registry.get_version(client, name, 2)
+    assert model_registry.get_alias(client, name, model_registry.CHAMPION).version == 2
+    assert model_registry.get_alias(client, name, model_registry.CANDIDATE) is None
     assert version.tags["review_status"] == "approved" and version.tags["reviewed_by"] == "carol"
     assert version.tags["review_reason"] == "evidence is fine" and version.tags["reviewed_at"]
     for request_id in ("req-000001", "req-000002"):
@@ -293,7 +294,7 @@ def test_flow_registers_a_candidate_and_approval_makes_it_champion_and_deletes_t
     assert not set(parts["retain"].ids.tolist()) & set(forget)
     # ...and `prepare` drops them from the data every later stage sees.
     summary = pipeline.prepare(ops)
-    samples = pd.read_csv(pipeline.PREPARED / "samples.csv")
+    samples = pd.read_csv(layout.PREPARED / "samples.csv")
     assert not set(samples["sample_id"]) & set(forget) and summary["n_deleted"] == len(forget)
 
     # The repeated request finds its samples gone; a new one is rejected at once.
@@ -339,8 +340,8 @@ def test_a_crash_mid_flow_is_resumed_by_the_next_run_without_doing_anything_twic
     with pytest.raises(RuntimeError, match="injected crash in evaluate"):
         deletion_requests("params.yaml")
     assert ledger.get(first).status is Status.processing
-    client = registry.client(ops)
-    assert numbers(registry.versions(client, name)) == ["1"]
+    client = model_registry.client(ops)
+    assert numbers(model_registry.versions(client, name)) == ["1"]
     outcome = deletion_requests("params.yaml")
     assert outcome["version"] == "2" and outcome["unlearned"] == [first]
     assert unlearn_calls == ["finetune"]  # the candidate unlearned before the crash was reused
@@ -351,14 +352,14 @@ def test_a_crash_mid_flow_is_resumed_by_the_next_run_without_doing_anything_twic
     crash_once("settle")
     with pytest.raises(RuntimeError, match="injected crash in settle"):
         deletion_requests("params.yaml")
-    assert numbers(registry.versions(client, name)) == ["3", "2", "1"]
+    assert numbers(model_registry.versions(client, name)) == ["3", "2", "1"]
     assert {ledger.get(r).status for r in (first, second)} == {Status.processing}
     outcome = deletion_requests("params.yaml")
     assert outcome["version"] == "3" and outcome["unlearned"] == [first, second]
-    assert numbers(registry.versions(client, name)) == ["3", "2", "1"]
+    assert numbers(model_registry.versions(client, name)) == ["3", "2", "1"]
     assert unlearn_calls == ["finetune", "finetune"]
-    assert registry.get_alias(client, name, registry.CANDIDATE).version == 3
-    assert registry.get_version(client, name, 2).tags["review_status"] == "superseded"
+    assert model_registry.get_alias(client, name, model_registry.CANDIDATE).version == 3
+    assert model_registry.get_version(client, name, 2).tags["review_status"] == "superseded"
     assert history(ledger, second) == [(None, "received"), ("received", "processing"), ("processing", "unlearned")]
     assert ledger.get(first).model_version == "3"
 
@@ -372,8 +373,8 @@ def test_failed_gates_register_nothing_and_fail_the_requests_until_retried(ops, 
 
     outcome = deletion_requests("params.yaml")
     assert outcome["version"] is None and outcome["failed"] == [request_id]
-    client = registry.client(ops)
-    assert numbers(registry.versions(client, name)) == ["1"]
+    client = model_registry.client(ops)
+    assert numbers(model_registry.versions(client, name)) == ["1"]
     request = ledger.get(request_id)
     assert request.status is Status.failed
     note = ledger.events(request_id)[-1].note
@@ -396,7 +397,7 @@ def test_failed_gates_register_nothing_and_fail_the_requests_until_retried(ops, 
 
 def test_new_requests_supersede_the_pending_candidate_and_rejection_is_recorded(ops, prefect_harness, capsys):
     name = ops["ops"]["model_name"]
-    client = registry.client(ops)
+    client = model_registry.client(ops)
     ledger = deletion.open_ledger(ops)
     user_a, user_b = train_users(2)
     first = ledger.submit(user_ids=[user_a], samples=deletion.samples_table()).id
@@ -405,12 +406,12 @@ def test_new_requests_supersede_the_pending_candidate_and_rejection_is_recorded(
     outcome = deletion_requests("params.yaml")
     assert outcome["version"] == "3" and outcome["unlearned"] == [first, second]
 
-    v2, v3 = registry.get_version(client, name, 2), registry.get_version(client, name, 3)
-    assert v3.tags["request_ids"] == f"{first},{second}" and v3.aliases == [registry.CANDIDATE]
+    v2, v3 = model_registry.get_version(client, name, 2), model_registry.get_version(client, name, 3)
+    assert v3.tags["request_ids"] == f"{first},{second}" and v3.aliases == [model_registry.CANDIDATE]
     assert v2.tags["review_status"] == "superseded" and v2.tags["superseded_by"] == "3"
     assert ledger.get(first).model_version == "3"
-    assert numbers(registry.candidates(client, name)) == ["3"]
-    assert numbers(registry.candidates(client, name, include_decided=True)) == ["3", "2"]
+    assert numbers(model_registry.candidates(client, name)) == ["3"]
+    assert numbers(model_registry.candidates(client, name, include_decided=True)) == ["3", "2"]
 
     # Refused approvals change nothing.
     for version, message in [("2", "not awaiting review (review_status: superseded)"),
@@ -422,16 +423,16 @@ def test_new_requests_supersede_the_pending_candidate_and_rejection_is_recorded(
     code, out = run_cli(capsys, "review", "approve", "3", "--reviewer", "eve")
     assert code == 2 and "its gates did not pass" in out
     client.set_model_version_tag(name, "3", "gates", "passed")
-    assert registry.get_alias(client, name, registry.CHAMPION).version == 1
+    assert model_registry.get_alias(client, name, model_registry.CHAMPION).version == 1
     assert {ledger.get(r).status for r in (first, second)} == {Status.unlearned}
 
     # Rejection: the reason is recorded; the requests fail and can be retried.
     code, out = run_cli(capsys, "review", "reject", "3", "--reviewer", "bob", "--reason", "retain accuracy too low")
     assert code == 0 and "v3 rejected" in out
-    v3 = registry.get_version(client, name, 3)
+    v3 = model_registry.get_version(client, name, 3)
     assert v3.tags["review_status"] == "rejected" and v3.tags["reviewed_by"] == "bob"
     assert v3.tags["review_reason"] == "retain accuracy too low" and v3.aliases == []
-    assert registry.get_alias(client, name, registry.CHAMPION).version == 1
+    assert model_registry.get_alias(client, name, model_registry.CHAMPION).version == 1
     for request_id in (first, second):
         assert ledger.get(request_id).status is Status.failed
         assert "candidate v3 rejected by bob: retain accuracy too low" in ledger.events(request_id)[-1].note
@@ -441,7 +442,7 @@ def test_new_requests_supersede_the_pending_candidate_and_rejection_is_recorded(
     with pytest.raises(deletion.DeletionError, match="registered as v3 and rejected by bob"):
         deletion_requests("params.yaml")
     assert {ledger.get(r).status for r in (first, second)} == {Status.failed}
-    assert len(registry.versions(client, name)) == 3
+    assert len(model_registry.versions(client, name)) == 3
 
     # With another seed it is new work; rejecting the requests themselves is final.
     ops["ops"]["seed"] += 1

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO, tiny
-from unlearnops import pipeline
+from unlearnops import layout, pipeline
 from unlearnops.config import ConfigError
 
 BIN = Path(sys.executable).parent
@@ -32,18 +32,18 @@ def test_setting_params_merge_data_set_and_forget_overrides(repo_params):
     params = copy.deepcopy(repo_params)
     params["datasets"]["tiny"] = {"data": {"name": "synthetic"}, "model": {"arch": "small_cnn"}}
     params["settings"]["tiny-users"] = {"dataset": "tiny", "forget": {"mode": "users", "n_users": 2}}
-    merged = pipeline.setting_params(params, "tiny-users")
+    merged = layout.setting_params(params, "tiny-users")
     assert merged["data"]["name"] == "synthetic" and merged["model"]["arch"] == "small_cnn"
     assert merged["forget"] == {**params["forget"], "mode": "users", "n_users": 2}
     assert merged["model"]["small_resnet"] == params["model"]["small_resnet"]  # nested sections merge key by key
     assert params["forget"]["mode"] == repo_params["forget"]["mode"]  # the global sections are left alone
-    for name in pipeline.settings(repo_params):  # the default grid: digits, two random sizes and a class
-        assert pipeline.setting_params(repo_params, name)["data"]["name"] == "digits"
-    fractions = {pipeline.setting_params(repo_params, s)["forget"].get("fraction") for s in repo_params["settings"]
+    for name in layout.settings(repo_params):  # the default grid: digits, two random sizes and a class
+        assert layout.setting_params(repo_params, name)["data"]["name"] == "digits"
+    fractions = {layout.setting_params(repo_params, s)["forget"].get("fraction") for s in repo_params["settings"]
                  if repo_params["settings"][s]["forget"]["mode"] == "random"}
     assert {0.005, 0.02} <= fractions
     assert any(s["forget"]["mode"] == "class" for s in repo_params["settings"].values())
-    where = pipeline.layout(repo_params, "digits-random-2")
+    where = layout.setting_layout(repo_params, "digits-random-2")
     assert where.target == Path("models/digits/target") and where.retrain == Path("models/digits-random-2/retrain")
 
 
@@ -62,18 +62,18 @@ def test_bad_settings_are_one_line_errors(repo_params, change, message):
     params = copy.deepcopy(repo_params)
     change(params)
     with pytest.raises(ConfigError, match=message) as err:
-        pipeline.settings(params)
+        layout.settings(params)
     assert "\n" not in str(err.value)
 
 
 def test_auto_method_reads_the_benchmark_setting_only(repo_params, tmp_path, monkeypatch):
-    from unlearnops import deletion
+    from unlearnops.ops import deletion
 
     monkeypatch.chdir(tmp_path)
     params = copy.deepcopy(repo_params)
     for setting, scores in (("digits-random-2", {"finetune": 0.2, "scrub": 0.3}), ("digits-class-0", {"finetune": 0.9})):
         for method, score in scores.items():
-            path = pipeline.layout(params, setting).evidence / f"{method}.json"
+            path = layout.setting_layout(params, setting).evidence / f"{method}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"method": method, "final_score": {"estimate": score, "low": score, "high": score}}))
     params["ops"]["benchmark_setting"] = "digits-random-2"

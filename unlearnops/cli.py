@@ -91,7 +91,7 @@ def _ids(values: list[str] | None) -> list[str] | None:
 
 
 def cmd_request(args) -> int:
-    from unlearnops import deletion, ledger_cli
+    from unlearnops.ops import deletion, ledger_cli
 
     params = load_params(args.params)
     ledger = deletion.open_ledger(params)
@@ -106,10 +106,10 @@ def cmd_request(args) -> int:
 
 
 def cmd_review(args) -> int:
-    from unlearnops import deletion, registry, review_cli
+    from unlearnops.ops import deletion, model_registry, review_cli
 
     params = load_params(args.params)
-    mlflow_client = registry.client(params)
+    mlflow_client = model_registry.client(params)
     if args.action == "list":
         return review_cli.cmd_list(mlflow_client, params, args.all)
     ledger = deletion.open_ledger(params)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from unlearnops.config import build_dataclass
-from unlearnops.metrics import agreement, epsilon, mia
+from unlearnops.metrics import agreement, epsilon, mean_std, mia
 from unlearnops.outputs import EVAL_SPLITS, RunOutputs
 from dataclasses import dataclass
 
@@ -31,10 +31,6 @@ class EvalConfig:
 
 def eval_config(params: dict) -> EvalConfig:
     return build_dataclass(EvalConfig, params["evaluate"], "evaluate")
-
-
-def mean_std(values: np.ndarray) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
 def accuracy_summary(run: RunOutputs) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 
 from unlearnops.config import ConfigError, build_dataclass
 from unlearnops.data import Part
-from unlearnops.evaluation import mean_std
+from unlearnops.metrics import mean_std
 from unlearnops.folds import assign_folds, part_where, proper_subsets
 from unlearnops.stack import ModelStack
 from unlearnops.training import FitConfig, Runtime, Stream, cross_entropy_on, fit, predict

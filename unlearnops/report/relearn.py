@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from unlearnops.pipeline import run_names
+from unlearnops.layout import run_names
 
 
 def _read(metrics_dir: Path, name: str) -> dict:

@@ -18,11 +18,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from unlearnops import evaluation, report_relearn  # noqa: E402
+from unlearnops import evaluation  # noqa: E402
+from unlearnops.report import relearn as report_relearn  # noqa: E402
 from unlearnops.files import write_json, write_text_atomic  # noqa: E402
 from unlearnops.metrics import epsilon  # noqa: E402
 from unlearnops.outputs import RunOutputs  # noqa: E402
-from unlearnops.pipeline import Layout, run_names  # noqa: E402
+from unlearnops.layout import Layout, run_names  # noqa: E402
 
 RETRAIN_ROW = "retrain (half vs half)"
 OVER_BUDGET = "†"  # marks time / retrain above evaluate.time_budget

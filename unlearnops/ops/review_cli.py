@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from unlearnops import registry
-from unlearnops.ledger import Ledger, LedgerError
+from unlearnops.ops import model_registry
+from unlearnops.ops.ledger import Ledger, LedgerError
 
 MODELS = ("candidate", "champion", "retrain")
 METRICS = ("forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc", "mia_accuracy")
@@ -33,18 +33,18 @@ def _links(mlflow_client, params: dict, version) -> list[tuple[str, str]]:
     return [
         ("MLflow run", f"{ui}/#/experiments/{run.info.experiment_id}/runs/{version.run_id}"),
         ("report", f"{run.info.artifact_uri}/review/report.md"),
-        ("model", f"models:/{version.name}/{version.version} (ONNX; weights in {registry.STACK_PATH})"),
+        ("model", f"models:/{version.name}/{version.version} (ONNX; weights in {model_registry.STACK_PATH})"),
     ]
 
 
 def cmd_list(mlflow_client, params: dict, include_decided: bool = False) -> int:
     console = Console()
-    name = registry.model_name(params)
-    champion = registry.get_alias(mlflow_client, name, registry.CHAMPION)
+    name = model_registry.model_name(params)
+    champion = model_registry.get_alias(mlflow_client, name, model_registry.CHAMPION)
     console.print(f"registered model [bold]{escape(name)}[/bold]; champion: "
                   + (f"v{champion.version} ({champion.tags.get('unlearnops.role', '?')})" if champion else "none"),
                   highlight=False)
-    found = registry.candidates(mlflow_client, name, include_decided)
+    found = model_registry.candidates(mlflow_client, name, include_decided)
     if not found:
         console.print("no candidates awaiting review" if not include_decided else "no candidates", highlight=False)
         return 0
@@ -80,11 +80,11 @@ def _refused(err: Exception) -> int:
 
 def cmd_approve(mlflow_client, ledger: Ledger, params: dict, version: str, reviewer: str, reason: str | None) -> int:
     try:
-        approved = registry.approve(mlflow_client, ledger, params, version, reviewer, reason)
-    except (registry.RegistryError, LedgerError) as err:
+        approved = model_registry.approve(mlflow_client, ledger, params, version, reviewer, reason)
+    except (model_registry.RegistryError, LedgerError) as err:
         return _refused(err)
-    requests = registry.request_ids_of(approved)
-    Console().print(f"v{approved.version} is now the {registry.CHAMPION}; requests {', '.join(requests)} approved and "
+    requests = model_registry.request_ids_of(approved)
+    Console().print(f"v{approved.version} is now the {model_registry.CHAMPION}; requests {', '.join(requests)} approved and "
                     f"their samples added to the deletion list {params['data']['deleted']} "
                     "(`dvc repro` retrains and benchmarks without them)", highlight=False)
     return 0
@@ -93,11 +93,11 @@ def cmd_approve(mlflow_client, ledger: Ledger, params: dict, version: str, revie
 def cmd_reject(mlflow_client, ledger: Ledger, params: dict, version: str, reviewer: str, reason: str,
                reject_requests: bool) -> int:
     try:
-        rejected = registry.reject(mlflow_client, ledger, params, version, reviewer, reason, reject_requests)
-    except (registry.RegistryError, LedgerError) as err:
+        rejected = model_registry.reject(mlflow_client, ledger, params, version, reviewer, reason, reject_requests)
+    except (model_registry.RegistryError, LedgerError) as err:
         return _refused(err)
     outcome = ("rejected" if reject_requests else
                "failed (change ops.method or its hyperparameters, then `unlearnops request retry`)")
-    Console().print(f"v{rejected.version} rejected; its requests {', '.join(registry.request_ids_of(rejected))} "
+    Console().print(f"v{rejected.version} rejected; its requests {', '.join(model_registry.request_ids_of(rejected))} "
                     f"are {outcome}", highlight=False)
     return 0

@@ -34,16 +34,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from unlearnops import methods, registry, tracking
+from unlearnops import methods, tracking
+from unlearnops.ops import model_registry
 from unlearnops.config import ConfigError, build_dataclass
 from unlearnops.data import Part, load_prepared, read_deleted_ids
-from unlearnops.export import ExportError
-from unlearnops.ledger import Ledger, Status
+from unlearnops.ops.export import ExportError
+from unlearnops.ops.ledger import Ledger, Status
 from unlearnops.methods import UnlearnData
 from unlearnops.metrics.mia import loss_mia
 from unlearnops.outputs import eval_parts
-from unlearnops.pipeline import PREPARED, layout, write_json
-from unlearnops.pipeline import dataset_layout as layout_of_dataset
+from unlearnops.files import write_json
+from unlearnops.layout import PREPARED, setting_layout
+from unlearnops.layout import dataset_layout as layout_of_dataset
 from unlearnops.stack import ModelStack
 from unlearnops.training import FitConfig, Runtime, Stream, predict, train_from_scratch
 
@@ -122,7 +124,7 @@ def choose_method(params: dict, metrics_dir: Path | None = None) -> tuple[str, s
         methods.get_method(wanted, params)  # unknown names fail with the allowed list
         return wanted, "ops.method"
     if metrics_dir is None:
-        metrics_dir = layout(params, params["ops"]["benchmark_setting"]).evidence
+        metrics_dir = setting_layout(params, params["ops"]["benchmark_setting"]).evidence
     scores = {}
     for path in sorted(Path(metrics_dir).glob("*.json")):
         result = json.loads(path.read_text())
@@ -175,8 +177,8 @@ def claim(params: dict) -> list[str]:
             claimed.append(request.id)
     if not claimed:
         return []
-    mlflow_client = registry.client(params)
-    candidate = registry.pending_candidate(mlflow_client, registry.model_name(params))
+    mlflow_client = model_registry.client(params)
+    candidate = model_registry.pending_candidate(mlflow_client, model_registry.model_name(params))
     if candidate is not None:
         for request in ledger.list(Status.unlearned):
             if request.model_version == str(candidate.version):
@@ -196,10 +198,10 @@ def _read_json(path: Path) -> dict:
 
 def plan(params: dict, request_ids: list[str]) -> Path:
     """Write work.json for these requests; returns the work folder (named by the work key)."""
-    name = registry.model_name(params)
-    champion = registry.get_alias(registry.client(params), name, registry.CHAMPION)
+    name = model_registry.model_name(params)
+    champion = model_registry.get_alias(model_registry.client(params), name, model_registry.CHAMPION)
     if champion is None:
-        raise ConfigError(f"registered model '{name}' has no '{registry.CHAMPION}' version: run the "
+        raise ConfigError(f"registered model '{name}' has no '{model_registry.CHAMPION}' version: run the "
                           "train_target stage, which registers the target as the first champion "
                           "(`dvc repro --force train_target` if DVC would restore it from its cache)")
     method, why = choose_method(params)
@@ -209,8 +211,8 @@ def plan(params: dict, request_ids: list[str]) -> Path:
         "method": method,
         "base_version": str(champion.version),
         "seed": int(params["ops"]["seed"]),
-        "data_hash": registry.data_hash(data_files(params)),
-        "code_version": registry.code_version(),
+        "data_hash": model_registry.data_hash(data_files(params)),
+        "code_version": model_registry.code_version(),
         "params": {"method": params["methods"][method], "gates": params["ops"]["gates"], "train": params["train"],
                    "evaluate": params["evaluate"], "model": params["model"]},
     }
@@ -249,7 +251,7 @@ def unlearn(params: dict, work_dir: str | Path) -> Path:
     if out.is_file():
         return out  # an earlier, interrupted run got this far
     work = _read_json(work_dir / WORK_FILE)
-    champion = registry.load_stack(registry.client(params), registry.model_name(params), work["base_version"])
+    champion = model_registry.load_stack(model_registry.client(params), model_registry.model_name(params), work["base_version"])
     champion.save(work_dir / CHAMPION_FILE)
     data, parts = _parts(params, work["forget_sample_ids"])
     unlearn_data = UnlearnData(parts["retain"], parts["forget"], parts["val"], data.num_classes,
@@ -337,7 +339,7 @@ def judge(metrics: dict, gates: Gates) -> list[dict]:
 def _version_tags(work: dict, evidence: dict, verdicts: list[dict], parity: dict) -> dict:
     tags = {
         "unlearnops.role": "candidate",
-        "review_status": registry.PENDING,
+        "review_status": model_registry.PENDING,
         "request_ids": ",".join(work["request_ids"]),
         "n_forget_samples": len(work["forget_sample_ids"]),
         "method": work["method"],
@@ -377,21 +379,21 @@ def _reuse(mlflow_client, name: str, version, work: dict) -> dict:
     """A version already registered for this exact work: make it the candidate again, unless a
     reviewer rejected it (running the same work again would give the same model)."""
     status = version.tags.get("review_status")
-    if status not in (registry.PENDING, registry.SUPERSEDED):
+    if status not in (model_registry.PENDING, model_registry.SUPERSEDED):
         raise DeletionError(f"this exact work (same requests, champion, data, code and params) was registered as "
                             f"v{version.version} and {status} by {version.tags.get('reviewed_by', '?')}: "
                             f"{version.tags.get('review_reason', '')}; change ops.method or methods.{work['method']} "
                             "before retrying")
-    _mark_superseded(mlflow_client, name, registry.pending_candidate(mlflow_client, name), version.version)
-    mlflow_client.set_model_version_tag(name, version.version, "review_status", registry.PENDING)
-    mlflow_client.set_registered_model_alias(name, registry.CANDIDATE, version.version)
+    _mark_superseded(mlflow_client, name, model_registry.pending_candidate(mlflow_client, name), version.version)
+    mlflow_client.set_model_version_tag(name, version.version, "review_status", model_registry.PENDING)
+    mlflow_client.set_registered_model_alias(name, model_registry.CANDIDATE, version.version)
     return {"version": str(version.version), "run_id": version.run_id, "method": work["method"], "failed_gates": []}
 
 
 def _mark_superseded(mlflow_client, name: str, previous, new_version: str) -> None:
     """Tag the candidate that awaited review as superseded by `new_version`."""
     if previous is not None and str(previous.version) != str(new_version):
-        mlflow_client.set_model_version_tag(name, previous.version, "review_status", registry.SUPERSEDED)
+        mlflow_client.set_model_version_tag(name, previous.version, "review_status", model_registry.SUPERSEDED)
         mlflow_client.set_model_version_tag(name, previous.version, "superseded_by", str(new_version))
 
 
@@ -404,8 +406,8 @@ def register(params: dict, work_dir: str | Path) -> dict:
     work, evidence = _read_json(work_dir / WORK_FILE), _read_json(work_dir / EVIDENCE_FILE)
     verdicts = judge(evidence["metrics"], Gates.from_params(params))
     failed = [f"{v['gate']}: {v['detail']} > {v['limit']:g}" for v in verdicts if v["status"] == "fail"]
-    name, mlflow_client = registry.model_name(params), registry.client(params)
-    existing = registry.versions(mlflow_client, name, work_key=work["work_key"])
+    name, mlflow_client = model_registry.model_name(params), model_registry.client(params)
+    existing = model_registry.versions(mlflow_client, name, work_key=work["work_key"])
     if existing:  # the same work key means the same evidence, so its gates passed too
         return _reuse(mlflow_client, name, existing[0], work)
 
@@ -422,10 +424,10 @@ def register(params: dict, work_dir: str | Path) -> dict:
             return result
         _, parts = _parts(params, work["forget_sample_ids"])
         stack = ModelStack.load(work_dir / CANDIDATE_FILE)
-        info, parity = registry.log_model_files(mlflow, stack, parts["test"].x, params)
-        previous = registry.pending_candidate(mlflow_client, name)
-        version = registry.register(mlflow_client, name, info, run.info.run_id,
-                                    _version_tags(work, evidence, verdicts, parity), registry.CANDIDATE)
+        info, parity = model_registry.log_model_files(mlflow, stack, parts["test"].x, params)
+        previous = model_registry.pending_candidate(mlflow_client, name)
+        version = model_registry.register(mlflow_client, name, info, run.info.run_id,
+                                    _version_tags(work, evidence, verdicts, parity), model_registry.CANDIDATE)
         _mark_superseded(mlflow_client, name, previous, version.version)
     return {**result, "version": str(version.version)}
 
@@ -452,7 +454,7 @@ def fail(params: dict, request_ids: list[str], reason: str) -> dict:
     """Mark the run's processing requests failed with `reason`; requests that a pending
     candidate still covers go back to `unlearned` in it."""
     ledger = open_ledger(params)
-    candidate = registry.pending_candidate(registry.client(params), registry.model_name(params))
+    candidate = model_registry.pending_candidate(model_registry.client(params), model_registry.model_name(params))
     failed, kept = [], []
     for request_id in request_ids:
         request = ledger.get(request_id)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from unlearnops.ledger import DeletionRequest, Ledger, LedgerError, Status
+from unlearnops.ops.ledger import DeletionRequest, Ledger, LedgerError, Status
 
 
 def _requests_table(requests: Sequence[DeletionRequest], title: str) -> Table:

@@ -30,8 +30,8 @@ import onnx
 import torch
 
 from unlearnops import tracking
-from unlearnops.export import OnnxConfig, export_checked
-from unlearnops.ledger import Ledger, Status, apply_approved
+from unlearnops.ops.export import OnnxConfig, export_checked
+from unlearnops.ops.ledger import Ledger, Status, apply_approved
 from unlearnops.stack import ModelStack
 
 CHAMPION = "champion"

@@ -1,6 +1,6 @@
 """DVC stage `split@<dataset>`: see unlearnops.pipeline.split."""
 import sys
 
-from unlearnops.cli import run_stage
+from unlearnops.stages import run_stage
 
 run_stage("split", sys.argv[1:])

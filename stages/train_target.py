@@ -1,6 +1,6 @@
 """DVC stage `train_target@<dataset>`: see unlearnops.pipeline.train_target."""
 import sys
 
-from unlearnops.cli import run_stage
+from unlearnops.stages import run_stage
 
 run_stage("train_target", sys.argv[1:])

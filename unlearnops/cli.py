@@ -6,50 +6,8 @@ import os
 import subprocess
 import sys
 
-from unlearnops.config import ConfigError, load_params
-from unlearnops.stack import CheckpointError
-
-USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError)
-
-
-# stages/<name>.py -> the pipeline functions it runs, in one process: an unlearning run is
-# evaluated where it was made, saving a second process's start-up (torch, MLflow) per run.
-STAGES = {
-    "split": ("split",),
-    "prepare": ("prepare",),
-    "inputs": ("record_inputs",),
-    "train_target": ("train_target",),
-    "retrain": ("retrain", "evaluate_retrain"),
-    "evaluate_retrain": ("evaluate_retrain",),
-    "unlearn": ("unlearn", "evaluate"),
-    "evaluate": ("evaluate",),
-    "report": ("report",),
-}
-
-
-def run_stage(stage: str, argv: list[str]) -> None:
-    """Entry point of stages/<stage>.py: a bad input gives one clear line and exit code 2.
-
-    argv: the stage's positional arguments (a data set, setting or method name), `--setting NAME`
-    and `--condense NAME` for unlearn and evaluate, `--grid` for report."""
-    from unlearnops import pipeline
-
-    parser = argparse.ArgumentParser(prog=f"stages/{stage}.py")
-    parser.add_argument("names", nargs="*")
-    if stage in ("unlearn", "evaluate"):
-        parser.add_argument("--setting", help="the setting of params.yaml `settings` (default: the flat layout)")
-        parser.add_argument("--condense", help="condense the retain set first (e.g. blend)")
-    if stage == "report":
-        parser.add_argument("--grid", action="store_true", help="report every setting of params.yaml")
-    options = {k: v for k, v in vars(parser.parse_args(argv)).items() if v}
-    names = options.pop("names", [])
-    try:
-        params = load_params(os.environ.get("UNLEARNOPS_PARAMS", "params.yaml"))
-        for function in STAGES[stage]:
-            getattr(pipeline, function)(params, *names, **options)
-    except USER_ERRORS as err:
-        print(f"error: {stage}: {err}", file=sys.stderr)
-        sys.exit(2)
+from unlearnops.config import load_params
+from unlearnops.stages import STAGES, USER_ERRORS, run_stage  # noqa: F401  (run_stage, STAGES: the DVC stages' entry point, also here)
 
 
 def cmd_repro(args) -> int:

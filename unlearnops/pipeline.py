@@ -131,10 +131,10 @@ def retrain(params: dict, setting: str | None = None) -> dict:
 
 def run_name(method_name: str, condense: str | None) -> str:
     """Folder and metrics name of a run: the method, or `<method>+<condenser>` on a condensed retain set."""
-    from unlearnops import condense as condense_lib
-
     if condense is None:
         return method_name
+    from unlearnops import condense as condense_lib  # only on a condensed run (tests/test_dvc_deps.py OPTIONAL)
+
     return f"{method_name}+{choose(condense, condense_lib.CONDENSERS, 'condenser')}"
 
 

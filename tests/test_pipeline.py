@@ -22,7 +22,8 @@ from unlearnops import layout, pipeline
 from unlearnops.config import ConfigError
 
 BIN = Path(sys.executable).parent
-METHODS = ["finetune", "neggrad_plus"]
+METHODS = ["finetune", "neggrad_plus"]  # the grid's `unlearn` matrix, reduced
+RUNS = [*METHODS, "layered", "finetune+blend"]  # + the composite (layered over neggrad_plus) and a condensed run
 
 
 # ---------------------------------------------------------------- the settings merge (fast)
@@ -203,7 +204,8 @@ def write_params(root: Path, params: dict) -> None:
 
 @pytest.fixture(scope="module")
 def pipeline_run(repo_params, tmp_path_factory):
-    """One tiny `unlearnops repro` of the grid: two settings (a random 5% and a class), two methods and Blend."""
+    """One tiny `unlearnops repro` of the grid: two settings (a random 5% and a class), two methods,
+    Layered Unlearning over one of them (unlearn_layered) and one on a Blend-condensed retain set."""
     root = tmp_path_factory.mktemp("e2e")
     for name in ("dvc.yaml", "stages", "unlearnops", "data/deleted.csv"):  # the deletion list is a dependency of split
         src = REPO / name
@@ -211,6 +213,8 @@ def pipeline_run(repo_params, tmp_path_factory):
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
     params = tiny(repo_params)
     params["unlearn"]["methods"] = METHODS
+    params["unlearn"]["layered"] = ["layered"]
+    params["methods"]["layered"]["base"] = "neggrad_plus"
     params["condense"]["methods"] = ["finetune"]
     write_params(root, params)
     run(["dvc", "init", "--no-scm", "-q"], root)
@@ -218,15 +222,22 @@ def pipeline_run(repo_params, tmp_path_factory):
     return root, params
 
 
-def dry_run(root: Path, params: dict, change) -> set[str]:
-    """The stages `dvc repro --dry` would run after `change(params)`; params.yaml is restored after."""
+def dry_run(root: Path, params: dict, change=None, edit: str | None = None) -> set[str]:
+    """The stages `dvc repro --dry` would run after `change(params)` or after appending a comment to
+    the file `edit`; both are restored after."""
     changed = copy.deepcopy(params)
-    change(changed)
+    if change is not None:
+        change(changed)
     write_params(root, changed)
+    source = (root / edit).read_text() if edit else None
+    if edit:
+        (root / edit).write_text(source + "\n# edited\n")
     try:
         out = run(["dvc", "repro", "--dry"], root).stdout
     finally:
         write_params(root, params)
+        if edit:
+            (root / edit).write_text(source)
     return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
 
 
@@ -238,8 +249,8 @@ def test_repro_produces_every_output_per_setting(pipeline_run):
     folders = [("models/synthetic/target", 1)]
     for setting in params["settings"]:
         assert (root / f"data/prepared/{setting}/samples.csv").is_file()
-        folders += [(f"models/{setting}/retrain", n)] + [(f"models/{setting}/unlearned/{m}", n) for m in [*METHODS, "finetune+blend"]]
-        for run_name in [*METHODS, "finetune+blend"]:
+        folders += [(f"models/{setting}/retrain", n)] + [(f"models/{setting}/unlearned/{m}", n) for m in RUNS]
+        for run_name in RUNS:
             evidence = json.loads((root / f"evaluation/{setting}/{run_name}.json").read_text())
             assert evidence["n_models"] == n and 0 <= evidence["accuracy"]["test"]["mean"] <= 1
             headline = json.loads((root / f"metrics/{setting}/{run_name}.json").read_text())
@@ -262,7 +273,7 @@ def test_repro_produces_every_output_per_setting(pipeline_run):
 def test_report_table_has_a_column_group_per_setting_and_intervals_contain_estimates(pipeline_run):
     root, params = pipeline_run
     table = pd.read_csv(root / "reports/table.csv")
-    assert list(table["method"]) == [*METHODS, "finetune+blend", "retrain (half vs half)"]
+    assert list(table["method"]) == [*RUNS, "retrain (half vs half)"]
     for setting in params["settings"]:
         for measure in ("Final", "Final low", "Final high", "Test", "Forget", "Time [s]", "Time / retrain", "over budget"):
             assert f"{setting} {measure}" in table.columns
@@ -274,7 +285,7 @@ def test_report_table_has_a_column_group_per_setting_and_intervals_contain_estim
     html = (root / "reports/table.html").read_text()
     assert all(f">{s}</th>" in html for s in params["settings"])  # the grouped header
     general = pd.read_csv(root / "reports/generality.csv")
-    assert sorted(general["method"]) == sorted([*METHODS, "finetune+blend"])
+    assert sorted(general["method"]) == sorted(RUNS)
     assert all(f"rank {s}" in general.columns for s in params["settings"])
     assert "Most general:" in (root / "reports/reading.md").read_text()
 
@@ -299,6 +310,30 @@ def test_changing_one_method_reruns_only_that_method_in_every_setting(pipeline_r
     stages = dry_run(root, params, lambda p: p["methods"]["finetune"]["fit"].update(lr=0.01))
     assert {f"unlearn@{s}-finetune" for s in params["settings"]} <= stages
     assert not any("neggrad_plus" in s or s.startswith(("retrain", "train_target", "prepare")) for s in stages), stages
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit, reruns", [
+    ("unlearnops/methods/finetune.py", {"unlearn@{s}-finetune", "unlearn_blend@{s}-finetune"}),
+    ("unlearnops/methods/neggrad_plus.py", {"unlearn@{s}-neggrad_plus", "unlearn_layered@{s}-layered"}),  # layered runs neggrad_plus
+    ("unlearnops/methods/layered.py", {"unlearn_layered@{s}-layered"}),
+    ("unlearnops/condense.py", {"unlearn_blend@{s}-finetune"}),
+])
+def test_editing_one_module_reruns_the_stages_that_run_it_only(pipeline_run, edit, reruns):
+    """dvc.yaml's per-method deps, seen by DVC itself (tests/test_dvc_deps.py checks them statically)."""
+    root, params = pipeline_run
+    stages = dry_run(root, params, edit=edit)
+    expected = {name.format(s=s) for s in params["settings"] for name in reruns}
+    assert {s for s in stages if s.startswith("unlearn")} == expected
+    assert not any(s.startswith(("split", "prepare", "inputs", "train_target", "retrain")) for s in stages), stages
+
+
+@pytest.mark.slow
+def test_changing_the_base_methods_params_reruns_layered(pipeline_run):
+    root, params = pipeline_run
+    stages = dry_run(root, params, lambda p: p["methods"]["neggrad_plus"].update(alpha=0.9))
+    assert {s for s in stages if s.startswith("unlearn")} == {f"{g}@{s}-{m}" for s in params["settings"]
+                                                             for g, m in (("unlearn", "neggrad_plus"), ("unlearn_layered", "layered"))}
 
 
 @pytest.mark.slow

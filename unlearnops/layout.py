@@ -163,5 +163,7 @@ def seeds(base: int, n: int) -> list[int]:
 
 
 def run_names(params: dict) -> list[str]:
-    """Every unlearning run of the benchmark: each method, then each method on the Blend-condensed retain set."""
-    return [*params["unlearn"]["methods"], *(f"{m}+blend" for m in params.get("condense", {}).get("methods", []))]
+    """Every unlearning run of the benchmark: each method, Layered Unlearning (`unlearn.layered`, its own
+    DVC stage), then each method on the Blend-condensed retain set."""
+    return [*params["unlearn"]["methods"], *params["unlearn"].get("layered", []),
+            *(f"{m}+blend" for m in params.get("condense", {}).get("methods", []))]

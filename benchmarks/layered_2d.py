@@ -18,7 +18,7 @@ public notebook):
 - Original: all of A, B, R learned. Plain: U(original, forget = A+B, retain = R).
   LU: stage i of `unlearnops.folds.layered_stages` with folds (A, B):
   U(original, A, R+B) then U(., A+B, R).
-- Relearning attack (reference/metric.md section 3, `unlearnops.folds.proper_subsets`): fine-tune
+- Relearning attack (docs/metric.md, section 3, `unlearnops.folds.proper_subsets`): fine-tune
   on one fold only (label 1) and measure accuracy on the other fold after every epoch, on fresh
   held-out samples; report the best epoch (and the last, which is what the paper's notebook shows).
 

@@ -1,4 +1,4 @@
-"""Tests of the competition epsilon metric (spec: /work/shared/reference/metric.md, section 1)."""
+"""Tests of the competition epsilon metric (spec: docs/metric.md, section 1)."""
 
 import json
 

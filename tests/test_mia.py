@@ -1,4 +1,4 @@
-"""Tests of the membership-inference attacks and agreement metrics (metric.md, section 2)."""
+"""Tests of the membership-inference attacks and agreement metrics (docs/metric.md, section 2)."""
 
 import numpy as np
 import pytest

@@ -1,6 +1,6 @@
 """The NeurIPS 2023 Machine Unlearning competition score, vectorised.
 
-Spec: /work/shared/reference/metric.md, section 1 (the organisers' write-up and their
+Spec: docs/metric.md, section 1 (the organisers' write-up and their
 released `metric.py`). Pipeline:
 
     logits --logit_scaled_confidence--> confidences [N_models, n_examples]

@@ -5,7 +5,7 @@ It compares every model's value with every threshold (about 160,000 interval att
 example, times N models), as the released `metric.py` does on a GPU; at N = 512 that is
 roughly a second per example here. Do not use it for scoring.
 
-Spec: /work/shared/reference/metric.md, section 1. Threshold grids come from the same helpers
+Spec: docs/metric.md, section 1. Threshold grids come from the same helpers
 as the fast version, so both evaluate exactly the same thresholds; everything else (positive
 side, range-ratio rule, rates, discard rules, cap) is written out independently here.
 """

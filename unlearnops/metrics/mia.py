@@ -1,4 +1,4 @@
-"""Population membership-inference attacks from stored logits (spec: metric.md, section 2).
+"""Population membership-inference attacks from stored logits (spec: docs/metric.md, section 2).
 
 - `loss_mia`: the competition starting kit's attack (also SCRUB's): logistic regression on
   the per-sample cross-entropy loss, forget (1) vs test (0), class-balanced, cross-validated.

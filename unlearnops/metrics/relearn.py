@@ -1,4 +1,4 @@
-"""The relearning attack (Layered Unlearning, arXiv 2505.09500; reference/metric.md section 3).
+"""The relearning attack (Layered Unlearning, arXiv 2505.09500; docs/metric.md, section 3).
 
 The forget set is cut into k folds (`unlearnops.folds.assign_folds`, the folds Layered Unlearning
 uses). For every non-empty proper subset S of the folds, the attacker fine-tunes each model on S

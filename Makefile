@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test bench clean serve
+.PHONY: setup run test test-fast lint bench clean serve
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -14,8 +14,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: setup          ## the benchmark on the bundled default: dvc repro under one MLflow parent run
 	unlearnops repro
 
-test: setup         ## the test suite (GPU tests skip without CUDA)
+test: setup         ## the whole test suite, every tier (GPU tests skip without CUDA)
 	$(PY) -m pytest -q
+
+test-fast: setup    ## the fast tier: everything in-process, no real `dvc repro`, Prefect server or subprocess flow
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup         ## ruff (rules in pyproject.toml); seconds
+	$(VENV)/bin/ruff check .
 
 bench: setup        ## speed benchmarks; they print tables
 	$(PY) benchmarks/bench_training.py

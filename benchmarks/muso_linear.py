@@ -39,7 +39,7 @@ def gaps(features: int, n_retain: int, n_forget: int, seed: int, classes: int | 
         w0 = torch.randn(features, classes, generator=gen, dtype=torch.float64) / features**0.5
         wrong = (labels[n_retain:] + torch.randint(1, classes, (n_forget,), generator=gen)) % classes
         random_targets = F.one_hot(wrong, classes).double()
-    z_r, z_f, y_r, y_f = z[:n_retain], z[n_retain:], y[:n_retain], y[n_retain:]
+    z_r, z_f, y_r = z[:n_retain], z[n_retain:], y[:n_retain]
     lr = 1 / float(torch.linalg.eigvalsh(z.T @ z / n)[-1])  # stable for every subset used below
     original = gradient_descent(z, y, w0, lr, steps)
     retrained = gradient_descent(z_r, y_r, w0, lr, steps)

@@ -193,7 +193,7 @@ def test_relearning_attack_recovers_suppressed_forget_accuracy(tiny_setup):
     assert result["n_models"] == 3  # the first n_models of the stack
     fold = assign_folds(data.forget.ids, 2, 0)
     gains = []
-    for key, entry in result["subsets"].items():
+    for entry in result["subsets"].values():
         target_part = part_where(data.forget, np.isin(fold, [f - 1 for f in entry["T"]]))
         before = _accuracy(suppressed.select(slice(0, 3)), target_part, runtime)
         assert entry["before"]["mean"] == pytest.approx(before.mean().item())

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO, tiny
-from unlearnops import layout, pipeline
+from unlearnops import layout
 from unlearnops.config import ConfigError
 
 BIN = Path(sys.executable).parent
@@ -167,7 +167,7 @@ def test_disjoint_ranks_use_each_model_once(monkeypatch):
     from unlearnops.outputs import RunOutputs
 
     rng = np.random.default_rng(0)
-    n, n_forget, classes = 8, 6, 3
+    n, classes = 8, 3
 
     def run(shift: float) -> RunOutputs:
         logits = {s: rng.normal(size=(n, 12, classes)).astype(np.float32) + shift for s in ("retain", "forget", "test")}

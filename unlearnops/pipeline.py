@@ -16,7 +16,7 @@ from unlearnops import tracking
 from unlearnops.config import choose
 from unlearnops.files import write_json
 from unlearnops.layout import (FLAT, MODELS, REPORTS, SPLIT, Layout, dataset_layout, dataset_of, dataset_params,
-                               ops_dataset, run_names, seeds, setting_layout, setting_params, settings)
+                               ops_dataset, seeds, setting_layout, setting_params, settings)
 
 
 # ---------------------------------------------------------------- stages

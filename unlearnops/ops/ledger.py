@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import JSON, DateTime, Enum, ForeignKey, String, create_engine, func, select
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from unlearnops.files import write_text_atomic

@@ -28,6 +28,7 @@ def tiny(params: dict) -> dict:
     params["runtime"].update(device="cpu", models_per_pass=4, threads=1)  # one thread: tiny ops gain nothing from two, and lose badly on a busy machine
     params["train"]["fit"]["epochs"] = 6
     _cap_epochs(params["methods"], 2)
+    params["unlearn"]["layered"] = []  # the runs a test makes are those its unlearn.methods names (test_pipeline adds layered)
     # a grid of two settings of one data set: a random forget set, and a class retrained models never saw
     params["datasets"] = {"synthetic": {}}
     params["settings"] = {
@@ -153,3 +154,11 @@ def repo_copy(tmp_path) -> Path:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
     return dest
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start a Prefect server (the `prefect_harness` fixture) belong to the slow tier, like
+    the real `dvc repro` and the `serve` subprocess: `pytest -m "not slow"` (make test-fast) skips them."""
+    for item in items:
+        if "prefect_harness" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

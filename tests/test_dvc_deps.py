@@ -113,7 +113,7 @@ def resolved_stages(dvc_yaml: dict | None = None) -> dict[str, dict]:
     from dvc.repo import Repo
 
     dvc_yaml = dvc_yaml if dvc_yaml is not None else yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    with Repo(str(ROOT)) as repo:
+    with Repo(str(ROOT), config={"core": {"no_scm": True}}) as repo:  # no git needed (a copy of the tree will do)
         resolved = DataResolver(repo, str(ROOT), dvc_yaml).resolve()
     return resolved["stages"]
 

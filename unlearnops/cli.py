@@ -57,9 +57,14 @@ def cmd_repro(args) -> int:
     spool their runs and they are logged at the end (tracking.replay), also when a stage failed."""
     import tempfile
 
-    from unlearnops import tracking
+    from unlearnops import tracking, validate
 
     params = load_params(args.params)
+    problems = validate.problems(params)  # before any stage runs: a typo fails now, not after minutes of work
+    if problems:
+        for problem in problems:
+            print(f"error: {args.params}: {problem}", file=sys.stderr)
+        return 2
     mlflow = tracking.configure(params)
     with mlflow.start_run(run_name="pipeline", tags={"unlearnops.stage": "pipeline"}) as run, \
             tempfile.TemporaryDirectory(prefix="unlearnops-spool-") as spool:

@@ -79,12 +79,17 @@ def cmd_repro(args) -> int:
             print(f"error: {args.params}: {problem}", file=sys.stderr)
         return 2
     mlflow = tracking.configure(params)
-    with mlflow.start_run(run_name="pipeline", tags={"unlearnops.stage": "pipeline"}) as run, \
-            tempfile.TemporaryDirectory(prefix="unlearnops-spool-") as spool:
-        env = {**os.environ, tracking.PARENT_ENV: run.info.run_id, tracking.SPOOL_ENV: spool}
-        code = subprocess.call(["dvc", "repro", *args.dvc_args], env=env)
-        tracking.replay(params, spool, run.info.run_id)
-        mlflow.set_tag("dvc_exit_code", code)
+    run = mlflow.start_run(run_name="pipeline", tags={"unlearnops.stage": "pipeline"})
+    code = 1
+    try:
+        with tempfile.TemporaryDirectory(prefix="unlearnops-spool-") as spool:
+            env = {**os.environ, tracking.PARENT_ENV: run.info.run_id, tracking.SPOOL_ENV: spool}
+            code = subprocess.call(["dvc", "repro", *args.dvc_args], env=env)
+            tracking.replay(params, spool, run.info.run_id)
+            mlflow.set_tag("dvc_exit_code", code)
+    finally:  # a failed stage (dvc's exit code, or a spooled run that failed) fails the pipeline run
+        failed = code != 0 or mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+        mlflow.end_run(status="FAILED" if failed else "FINISHED")
     return code
 
 

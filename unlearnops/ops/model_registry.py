@@ -131,10 +131,15 @@ def log_model_files(mlflow, stack: ModelStack, test_x: torch.Tensor, params: dic
     """Inside an active run: export model 0 of `stack` to ONNX, check parity on `test_x`, log
     the ONNX model with the stack file as an extra file. Returns (model info, parity)."""
     import onnx
+    import torch
+    from mlflow.models import infer_signature
 
     from unlearnops.ops.export import OnnxConfig, export_checked
 
     cfg = OnnxConfig.from_params(params)
+    example = test_x[:2]
+    with torch.no_grad():  # the signature: an image batch in, one logit per class out
+        signature = infer_signature(example.numpy(), stack.module(0).eval()(example).float().numpy())
     with tempfile.TemporaryDirectory() as tmp:
         stack_path = Path(tmp) / "models.pt"
         stack.select([0]).save(stack_path)
@@ -142,7 +147,7 @@ def log_model_files(mlflow, stack: ModelStack, test_x: torch.Tensor, params: dic
         mlflow.log_metrics({f"onnx.{k}": v for k, v in result.items()})
         info = mlflow.onnx.log_model(onnx.load(str(Path(tmp) / "model.onnx")), name="onnx",
                                      extra_files=[str(stack_path)], pip_requirements=ONNX_REQUIREMENTS,
-                                     input_example=test_x[:2].numpy())
+                                     input_example=example.numpy(), signature=signature)
     return info, result
 
 

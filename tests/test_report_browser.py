@@ -37,7 +37,7 @@ window.addEventListener('load', () => {
 
 def _browser(*args: str) -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=10000"]
-    return subprocess.run([BROWSER, *flags, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([BROWSER, *flags, *args], capture_output=True, text=True, timeout=120, check=False)
 
 
 def _render(page: Path, tmp_path: Path) -> tuple[dict, Path]:
@@ -45,7 +45,7 @@ def _render(page: Path, tmp_path: Path) -> tuple[dict, Path]:
     probed = tmp_path / "probed.html"
     probed.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
     dom = _browser("--dump-dom", probed.as_uri())
-    found = re.search(r'<pre id="ux-probe">(.*?)</pre>', dom.stdout, re.S)
+    found = re.search(r'<pre id="ux-probe">(.*?)</pre>', dom.stdout, re.DOTALL)
     assert found, f"the page did not finish loading in the browser:\n{dom.stderr[-2000:]}"
     shot = tmp_path / "shot.png"
     _browser("--window-size=1400,2400", f"--screenshot={shot}", page.as_uri())
@@ -64,6 +64,7 @@ def _not_blank(shot: Path) -> bool:
 def small_page(repo_params, tmp_path):
     """A report page from the ranking tests' small grid: the ranking, the generality table and a plot."""
     from test_report_ranking import _setting
+
     from unlearnops import report
 
     params = copy.deepcopy(repo_params)

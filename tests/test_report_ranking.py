@@ -22,7 +22,7 @@ def _setting(params: dict, finals: dict, times: dict, test: dict | None = None, 
     res.params = params
     res.budget = float(params["evaluate"]["time_budget"] if budget is None else budget)
     res.retrain = {"accuracy": {"test": {"mean": 0.98}, "forget": {"mean": 0.97}}, "seconds_per_model": 10.0}
-    score = lambda e, lo, hi: {"estimate": e, "low": lo, "high": hi}  # noqa: E731
+    score = lambda e, lo, hi: {"estimate": e, "low": lo, "high": hi}
     res.floor = {"final_score": score(0.5, 0.4, 0.6)}
     res.metrics = {name: {"method": name, "final_score": score(*f), "seconds_per_model": 10.0 * times[name], "time_vs_retrain": times[name],
                           "accuracy": {"test": {"mean": (test or {}).get(name, 0.95)}, "forget": {"mean": 0.99}}}
@@ -120,7 +120,7 @@ def test_generality_ranks_are_integers_on_the_page(grid, tmp_path):
 def test_summary_is_small_and_flat_per_method(grid):
     from unlearnops import report
 
-    params, setting, results = grid
+    _, setting, results = grid
     summary = report.summary(results[setting])
     assert set(summary) == {*results[setting].metrics, "retrain"}
     assert all(set(v) == {"final", "final_low", "final_high", "test_acc", "forget_acc", "time_vs_retrain"} for v in summary.values())
@@ -130,7 +130,7 @@ def test_summary_is_small_and_flat_per_method(grid):
 def test_final_vs_time_names_runs_in_a_legend_not_on_the_points(grid, tmp_path, monkeypatch):
     from unlearnops import report
 
-    params, setting, results = grid
+    _, setting, results = grid
     figures = []
     monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
     report.plot_final_vs_time(results[setting], tmp_path / "f.png", "scrub")

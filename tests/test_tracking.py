@@ -90,8 +90,8 @@ def test_the_dvc_session_is_the_dvc_process(monkeypatch):
     fake.write_text(f"#!{sys.executable}\nimport subprocess, sys\nsubprocess.run(['/bin/sh', '-c', sys.argv[1]])\n")
     fake.chmod(0o755)
     try:
-        first = subprocess.run([str(fake), f"{sys.executable} -c '{code}'"], env=env, capture_output=True, text=True).stdout.strip()
-        second = subprocess.run([str(fake), f"{sys.executable} -c '{code}'"], env=env, capture_output=True, text=True).stdout.strip()
+        first = subprocess.run([str(fake), f"{sys.executable} -c '{code}'"], env=env, capture_output=True, text=True, check=True).stdout.strip()
+        second = subprocess.run([str(fake), f"{sys.executable} -c '{code}'"], env=env, capture_output=True, text=True, check=True).stdout.strip()
     finally:
         shutil.rmtree(fake.parent)
     assert first and not first.startswith("ppid-") and first != second  # found the dvc process; each repro its own
@@ -135,6 +135,7 @@ def test_a_copied_checkout_writes_its_artifacts_into_its_own_folder(local_params
 
 def test_the_registered_onnx_model_has_a_signature(local_params, repo_params):
     from conftest import tiny
+
     from unlearnops.nets import model_spec
     from unlearnops.ops import model_registry
     from unlearnops.stack import ModelStack

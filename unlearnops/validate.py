@@ -60,12 +60,12 @@ def problems(params: dict) -> list[str]:
         found.append("settings: empty; the grid needs at least one setting")
     for setting in settings:
         merged = {}
-        if not check(f"settings.{setting}", lambda setting=setting: merged.update(setting_params(params, setting))):
+        if not check(f"settings.{setting}", lambda setting=setting, merged=merged: merged.update(setting_params(params, setting))):
             continue
-        check(f"settings.{setting}.forget", lambda: choose(merged["forget"]["mode"], data.FORGET_MODES, "forget mode"))
+        check(f"settings.{setting}.forget", lambda merged=merged: choose(merged["forget"]["mode"], data.FORGET_MODES, "forget mode"))
         for name in unlearn + condensed:
             if name in available:
-                check(f"methods.{name}", lambda name=name: methods.get_method(name, merged))
+                check(f"methods.{name}", lambda name=name, merged=merged: methods.get_method(name, merged))
 
     ops = params.get("ops") or {}
     if ops:

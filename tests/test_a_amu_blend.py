@@ -154,7 +154,7 @@ def test_blend_that_would_empty_a_class_is_an_error(tiny_setup):
 def test_blend_stages_write_condensed_runs_and_report_them(tiny_params, tmp_path, monkeypatch):
     from unlearnops import layout, pipeline
     from unlearnops.data import load_prepared
-    from unlearnops.cli import run_stage
+    from unlearnops.stages import run_stage
 
     params = copy.deepcopy(tiny_params)
     params["n_models"] = 4  # the report's retrain noise floor needs 2 models per half
@@ -188,7 +188,7 @@ def test_blend_stages_write_condensed_runs_and_report_them(tiny_params, tmp_path
 
 
 def test_unknown_condenser_is_a_clear_error(tiny_params, tmp_path, monkeypatch, capsys):
-    from unlearnops.cli import run_stage
+    from unlearnops.stages import run_stage
 
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(tiny_params))

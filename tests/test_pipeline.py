@@ -262,9 +262,11 @@ def test_repro_produces_every_output_per_setting(pipeline_run):
     # each setting has its own forget set; the class setting's forget set is the whole class
     forget = {s: pd.read_csv(root / f"data/prepared/{s}/samples.csv").query("forget") for s in params["settings"]}
     assert set(forget["synthetic-class-1"]["label"]) == {1} and len(forget["synthetic-random-5"]) < len(forget["synthetic-class-1"])
-    for png in ("confidence_histograms", "epsilons", "final_vs_time", "relearn"):
+    for kind in ("confidences", "epsilons", "final_vs_time", "relearn"):  # each plot, and its data beside it for `dvc plots`
         for setting in params["settings"]:
-            assert (root / f"reports/plots/{setting}/{png}.png").read_bytes()[:4] == b"\x89PNG"
+            assert (root / f"reports/plots/{kind}/{setting}.png").read_bytes()[:4] == b"\x89PNG"
+            assert len(pd.read_csv(root / f"reports/plots/{kind}/{setting}.csv")) > 0
+            assert (root / "summary" / f"{setting}.json").is_file()
     page = (root / "reports/index.html").read_text()
     assert page.count("data:image/png;base64,") == 4 * len(params["settings"]) and "src='http" not in page
 
@@ -295,12 +297,12 @@ def test_dvc_metrics_show_lists_each_setting_and_nothing_reruns(pipeline_run):
     root, params = pipeline_run
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], root).stdout)
     files = next(iter(shown.values()))["data"]
-    for setting in params["settings"]:
-        assert f"metrics/{setting}/retrain.json" in files and f"metrics/{setting}/finetune.json" in files
+    assert set(files) == {f"summary/{setting}.json" for setting in params["settings"]}  # one compact file per setting, nothing else
     from unlearnops.tracking import flatten
 
     columns = {key for entry in files.values() for key in flatten(entry["data"])}
-    assert len(columns) <= 40, sorted(columns)  # `dvc metrics show` stays readable: headline numbers, not every detail
+    runs = layout.run_names(params)
+    assert len(columns) == 6 * (len(runs) + 1), sorted(columns)  # per run and retrain: Final, its interval, test, forget, time
     assert "changed" not in run(["dvc", "status"], root).stdout
 
 

@@ -1,4 +1,9 @@
-"""`unlearnops ...`: the command line. Each command is a thin call into the library."""
+"""`unlearnops ...`: the command line. Each command is a thin call into the library.
+
+Commands that do not train answer in about a second: this module imports only the standard library
+and yaml, and each command imports what it uses (the ledger commands never load torch, MLflow or
+scikit-learn; `review list` loads MLflow, not torch or ONNX). tests/test_cli_startup.py keeps it so.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +11,16 @@ import os
 import subprocess
 import sys
 
-from unlearnops.config import load_params
-from unlearnops.stages import STAGES, USER_ERRORS, run_stage  # noqa: F401  (run_stage, STAGES: the DVC stages' entry point, also here)
+from unlearnops.config import ConfigError, load_params
+
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
+LEDGER_ENV = "UNLEARNOPS_LEDGER_URL"  # as unlearnops.ops.deletion.LEDGER_ENV (tests/test_cli_startup.py checks they agree)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS, and a corrupt or missing checkpoint if the module that raises it was loaded (it imports torch)."""
+    stack = sys.modules.get("unlearnops.stack")
+    return USER_ERRORS + ((stack.CheckpointError,) if stack is not None else ())
 
 
 def cmd_repro(args) -> int:
@@ -15,16 +28,26 @@ def cmd_repro(args) -> int:
     spool their runs and they are logged at the end (tracking.replay), also when a stage failed."""
     import tempfile
 
-    from unlearnops import tracking
+    from unlearnops import tracking, validate
 
     params = load_params(args.params)
+    problems = validate.problems(params)  # before any stage runs: a typo fails now, not after minutes of work
+    if problems:
+        for problem in problems:
+            print(f"error: {args.params}: {problem}", file=sys.stderr)
+        return 2
     mlflow = tracking.configure(params)
-    with mlflow.start_run(run_name="pipeline", tags={"unlearnops.stage": "pipeline"}) as run, \
-            tempfile.TemporaryDirectory(prefix="unlearnops-spool-") as spool:
-        env = {**os.environ, tracking.PARENT_ENV: run.info.run_id, tracking.SPOOL_ENV: spool}
-        code = subprocess.call(["dvc", "repro", *args.dvc_args], env=env)
-        tracking.replay(params, spool, run.info.run_id)
-        mlflow.set_tag("dvc_exit_code", code)
+    run = mlflow.start_run(run_name="pipeline", tags={"unlearnops.stage": "pipeline"})
+    code = 1
+    try:
+        with tempfile.TemporaryDirectory(prefix="unlearnops-spool-") as spool:
+            env = {**os.environ, tracking.PARENT_ENV: run.info.run_id, tracking.SPOOL_ENV: spool}
+            code = subprocess.call(["dvc", "repro", *args.dvc_args], env=env)
+            tracking.replay(params, spool, run.info.run_id)
+            mlflow.set_tag("dvc_exit_code", code)
+    finally:  # a failed stage (dvc's exit code, or a spooled run that failed) fails the pipeline run
+        failed = code != 0 or mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+        mlflow.end_run(status="FAILED" if failed else "FINISHED")
     return code
 
 
@@ -48,13 +71,37 @@ def _ids(values: list[str] | None) -> list[str] | None:
     return None if values is None else [part for value in values for part in value.split(",") if part.strip()]
 
 
+def _open_ledger(params: dict):
+    """The deletion ledger, as unlearnops.ops.deletion.open_ledger opens it, without importing the
+    deletion flow (torch, MLflow, scikit-learn: seconds of start-up for a table of requests)."""
+    from unlearnops.ops.ledger import Ledger
+
+    return Ledger(os.environ.get(LEDGER_ENV) or str(params["ops"]["ledger_url"]))
+
+
+def _samples_table(params: dict):
+    """unlearnops.ops.deletion.samples_table without its imports: the production data's samples.csv
+    (data/split/<ops.dataset> in the grid, else the flat layout's data/prepared)."""
+    from pathlib import Path
+
+    from unlearnops.layout import PREPARED, dataset_layout
+
+    folder = PREPARED
+    if params.get("datasets") and (dataset_layout(params["ops"]["dataset"]).split / "samples.csv").is_file():
+        folder = dataset_layout(params["ops"]["dataset"]).split
+    path = Path(folder) / "samples.csv"
+    if not path.is_file():
+        raise ConfigError(f"samples table not found: {path} (run the prepare stage: dvc repro prepare, or split@<ops.dataset>)")
+    return path
+
+
 def cmd_request(args) -> int:
-    from unlearnops.ops import deletion, ledger_cli
+    from unlearnops.ops import ledger_cli
 
     params = load_params(args.params)
-    ledger = deletion.open_ledger(params)
+    ledger = _open_ledger(params)
     if args.action == "submit":
-        return ledger_cli.cmd_submit(ledger, deletion.samples_table(params), _ids(args.user_ids), _ids(args.sample_ids),
+        return ledger_cli.cmd_submit(ledger, _samples_table(params), _ids(args.user_ids), _ids(args.sample_ids),
                                      args.file, reason=args.reason, actor=args.actor, deleted=params["data"]["deleted"])
     if args.action == "list":
         return ledger_cli.cmd_list(ledger, args.status)
@@ -64,13 +111,13 @@ def cmd_request(args) -> int:
 
 
 def cmd_review(args) -> int:
-    from unlearnops.ops import deletion, model_registry, review_cli
+    from unlearnops.ops import model_registry, review_cli
 
     params = load_params(args.params)
     mlflow_client = model_registry.client(params)
     if args.action == "list":
         return review_cli.cmd_list(mlflow_client, params, args.all)
-    ledger = deletion.open_ledger(params)
+    ledger = _open_ledger(params)
     if args.action == "approve":
         return review_cli.cmd_approve(mlflow_client, ledger, params, args.version, args.reviewer, args.reason)
     return review_cli.cmd_reject(mlflow_client, ledger, params, args.version, args.reviewer, args.reason,
@@ -140,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as err:
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -34,6 +34,7 @@ METRICS = Path("metrics")
 EVALUATION = Path("evaluation")
 RETRAIN_MIA = METRICS / "retrain_mia.json"  # the evaluate_retrain stage: retrain's membership inference
 REPORTS = Path("reports")
+SUMMARY = Path("summary")  # summary/<setting>.json: the report's compact per-setting metrics, versioned in git (`dvc metrics diff`)
 
 DATASET_SECTIONS = ("data", "model", "train")  # what a data set may override: what its target depends on
 SETTING_KEYS = ("dataset", "forget")

@@ -15,7 +15,7 @@ from unlearnops import data as data_lib
 from unlearnops import tracking
 from unlearnops.config import choose
 from unlearnops.files import write_json
-from unlearnops.layout import (FLAT, MODELS, REPORTS, SPLIT, Layout, dataset_layout, dataset_of, dataset_params,
+from unlearnops.layout import (FLAT, MODELS, REPORTS, SPLIT, SUMMARY, Layout, dataset_layout, dataset_of, dataset_params,
                                ops_dataset, seeds, setting_layout, setting_params, settings)
 
 
@@ -283,7 +283,7 @@ def report(params: dict, grid: bool = False) -> dict:
     chosen = {name: (setting_params(params, name), setting_layout(params, name)) for name in settings(params)} if grid \
         else {report_lib.setting_label(params): (params, FLAT)}
     with tracking.stage_run(params, "report", {"methods": params["unlearn"]["methods"], "settings": list(chosen)}) as (mlflow, _):
-        written = report_lib.build(params, chosen, REPORTS)
+        written = report_lib.build(params, chosen, REPORTS, SUMMARY if grid else None)
         for path in written:
             mlflow.log_artifact(str(path))
     return {"files": [str(p) for p in written]}

@@ -39,8 +39,8 @@ from torch import nn
 # The calls torch.func.vmap itself uses to wrap and unwrap batched tensors (GroupedCNN needs them).
 from torch._C._functorch import _add_batch_dim, _remove_batch_dim, maybe_get_level
 from torch.func import functional_call, vmap
-from tqdm.auto import tqdm
 
+from unlearnops import progress
 from unlearnops.config import ConfigError, choose
 from unlearnops.nets import build_model, without_head
 from unlearnops.stack import ModelStack
@@ -397,7 +397,8 @@ def fit(
         chunk_scale = {k: v[index] for k, v in grad_scale.items()} if grad_scale else None
         hook = (lambda epoch, models: on_epoch_end(epoch, index, models)) if on_epoch_end else None
         chunk_streams = {name: s.for_models(index) for name, s in streams.items()}
-        return _fit_chunk(stack.select(index), chunk_streams, step, cfg, runtime, driver, desc, chunk_scale, hook, monitor)
+        chunk_desc = desc if index.stop - index.start == stack.n else f"{desc} [models {index.start + 1}-{index.stop} of {stack.n}]"
+        return _fit_chunk(stack.select(index), chunk_streams, step, cfg, runtime, driver, chunk_desc, chunk_scale, hook, monitor)
 
     stacks, epochs = zip(*_in_passes(stack.n, runtime, run))
     if monitor is not None:
@@ -490,7 +491,7 @@ def _fit_chunk(stack, streams, step, cfg, runtime, driver, desc, grad_scale, on_
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps * cfg.epochs))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.bf16)
     stopping = _StoppingRule(cfg, monitor.parts, stack, params, buffers, runtime) if cfg.stop_patience else None
-    bar = tqdm(range(cfg.epochs), desc=f"{desc} x{stack.n}", leave=False, mininterval=1.0, disable=None)
+    bar = progress.bar(range(cfg.epochs), desc=f"{desc} x{stack.n}")  # shown in a terminal and under dvc repro
     for epoch in bar:
         total = torch.zeros((), device=device)  # summed on the device: no host sync per step
         for _ in range(steps):

@@ -25,14 +25,15 @@ import subprocess
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-
-import onnx
-import torch
+from typing import TYPE_CHECKING
 
 from unlearnops import tracking
-from unlearnops.ops.export import OnnxConfig, export_checked
 from unlearnops.ops.ledger import Ledger, Status, apply_approved
-from unlearnops.stack import ModelStack
+
+if TYPE_CHECKING:  # torch and ONNX load in the functions that use them: `review list` needs neither
+    import torch
+
+    from unlearnops.stack import ModelStack
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
@@ -118,6 +119,8 @@ def load_stack(mlflow_client, name: str, version: int | str) -> ModelStack:
     """The weights of a registered version, as a ModelStack of one model."""
     import mlflow
 
+    from unlearnops.stack import ModelStack
+
     get_version(mlflow_client, name, version)
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/{STACK_PATH}", dst_path=tmp)
@@ -127,7 +130,16 @@ def load_stack(mlflow_client, name: str, version: int | str) -> ModelStack:
 def log_model_files(mlflow, stack: ModelStack, test_x: torch.Tensor, params: dict):
     """Inside an active run: export model 0 of `stack` to ONNX, check parity on `test_x`, log
     the ONNX model with the stack file as an extra file. Returns (model info, parity)."""
+    import onnx
+    import torch
+    from mlflow.models import infer_signature
+
+    from unlearnops.ops.export import OnnxConfig, export_checked
+
     cfg = OnnxConfig.from_params(params)
+    example = test_x[:2]
+    with torch.no_grad():  # the signature: an image batch in, one logit per class out
+        signature = infer_signature(example.numpy(), stack.module(0).eval()(example).float().numpy())
     with tempfile.TemporaryDirectory() as tmp:
         stack_path = Path(tmp) / "models.pt"
         stack.select([0]).save(stack_path)
@@ -135,7 +147,7 @@ def log_model_files(mlflow, stack: ModelStack, test_x: torch.Tensor, params: dic
         mlflow.log_metrics({f"onnx.{k}": v for k, v in result.items()})
         info = mlflow.onnx.log_model(onnx.load(str(Path(tmp) / "model.onnx")), name="onnx",
                                      extra_files=[str(stack_path)], pip_requirements=ONNX_REQUIREMENTS,
-                                     input_example=test_x[:2].numpy())
+                                     input_example=example.numpy(), signature=signature)
     return info, result
 
 

@@ -2,7 +2,13 @@
 group per setting (Final with its interval, test and forget accuracy, time, time / retrain) and
 retrain as the last row; a generality view (rank per setting, mean rank, worst-setting Final, time
 rank); ranking stability on disjoint model subsets; per setting the seed's Figures 2-3 and the
-other plots; a generated reading; one self-contained HTML page (reports/index.html)."""
+other plots; a ranking per setting with its reasons and the run `ops.method: auto` would pick; a
+generated reading; one self-contained HTML page (reports/index.html).
+
+For DVC: summary/<setting>.json (method -> Final with its interval, test and forget accuracy,
+time / retrain) is the grid's only declared metric, versioned in git, so `dvc metrics diff` and
+`dvc exp show` compare runs; each plot's data is written beside its PNG
+(reports/plots/<kind>/<setting>.csv) for `dvc plots diff` (dvc.yaml declares x and y per kind)."""
 from __future__ import annotations
 
 import base64
@@ -18,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from unlearnops import evaluation  # noqa: E402
+from unlearnops import evaluation, ranking  # noqa: E402
 from unlearnops.report import relearn as report_relearn  # noqa: E402
 from unlearnops.files import write_json, write_text_atomic  # noqa: E402
 from unlearnops.metrics import epsilon  # noqa: E402
@@ -58,6 +64,7 @@ class SettingResults:
         self.epsilons = {name: np.load(where.arrays / f"{name}.npz")["epsilons"] for name in self.runs}
         self.floor = evaluation.retrain_noise_floor(self.retrained, params)
         self.relearn = report_relearn.relearn_table(params, where.relearn)
+        self.relearn_curves = report_relearn.relearn_curves(params, where.relearn)
         self.budget = float(params["evaluate"]["time_budget"])
 
     def rows(self) -> list[dict]:
@@ -138,15 +145,122 @@ def generality(results: dict[str, SettingResults]) -> pd.DataFrame:
         finals[setting] = {name: m["final_score"]["estimate"] for name, m in res.metrics.items()}
         times[setting] = {name: m["time_vs_retrain"] for name, m in res.metrics.items()}
     finals, times = pd.DataFrame(finals), pd.DataFrame(times)
-    table = finals.rank(ascending=False, method="min").add_prefix("rank ")
-    table["mean rank"] = table.mean(axis=1)
+    ranks = finals.rank(ascending=False, method="min")
+    table = ranks.astype("Int64").add_prefix("rank ")  # ranks are whole numbers: shown as 1, not 1.000
+    table["mean rank"] = ranks.mean(axis=1)
     table["worst Final"] = finals.min(axis=1)
     table["worst setting"] = finals.idxmin(axis=1)
     table["mean time / retrain"] = times.mean(axis=1)
-    table["time rank"] = table["mean time / retrain"].rank(method="min")
+    table["time rank"] = table["mean time / retrain"].rank(method="min").astype("Int64")
     budget = next(iter(results.values())).budget
     table["over budget in"] = [", ".join(s for s in times.columns if times.loc[m, s] > budget) for m in table.index]
     return table.sort_values(["mean rank", "worst Final"], ascending=[True, False]).rename_axis("method").reset_index()
+
+
+AUTO_MARK = "◀ auto"  # the ranking's mark on the run `ops.method: auto` would pick
+
+
+def summary(res: SettingResults) -> dict:
+    """summary/<setting>.json: per run (and retrain, half vs half) Final with its interval, test and
+    forget accuracy and time / retrain; small and flat enough for `dvc metrics show` and `diff`."""
+    return {r["method"] if r["method"] != RETRAIN_ROW else "retrain": {
+        "final": r["final"]["estimate"], "final_low": r["final"]["low"], "final_high": r["final"]["high"],
+        "test_acc": r["test"], "forget_acc": r["forget"], "time_vs_retrain": r["time_vs_retrain"]} for r in res.rows()}
+
+
+def auto_choice(params: dict, results: dict[str, SettingResults]) -> dict:
+    """What the deletion flow would use: with `ops.method: auto`, the pick of unlearnops.ranking in
+    `ops.benchmark_setting` (None if that setting is not in this report); else ops.method itself."""
+    from unlearnops import methods
+
+    ops = params.get("ops") or {}
+    setting = ops.get("benchmark_setting")
+    if ops.get("method", "auto") != "auto":
+        return {"setting": setting, "method": ops["method"], "rule": "ops.method"}
+    if setting not in results:
+        return {"setting": setting, "method": None, "rule": f"auto: ops.benchmark_setting {setting!r} is not in this report"}
+    scores = ranking.auto_candidates(results[setting].metrics, results[setting].params, methods.available())
+    best = ranking.auto_pick(scores)
+    if best is None:
+        return {"setting": setting, "method": ops.get("fallback_method"), "rule": "auto: no Final in the benchmark, ops.fallback_method"}
+    return {"setting": setting, "method": best, "rule": f"auto: {ranking.auto_reason(scores, setting)}"}
+
+
+def setting_ranking(setting: str, res: SettingResults, auto: dict) -> pd.DataFrame:
+    """One setting's runs ranked by Final (1 = best), with the reasons: Final and its interval,
+    whether that interval overlaps the best run's, time / retrain against evaluate.time_budget, the
+    test accuracy lost against retraining (retrained minus the run's, in points) and notes: the run
+    `ops.method: auto` would pick, a run slower than retraining."""
+    retrain_test = res.retrain["accuracy"]["test"]["mean"]
+    rows = sorted((r for r in res.rows() if r["method"] != RETRAIN_ROW), key=lambda r: -r["final"]["estimate"])
+    table = []
+    for rank, r in enumerate(rows, start=1):
+        notes = []
+        if auto.get("setting") == setting and auto.get("method") == r["method"]:
+            notes.append(f"{AUTO_MARK}: the deletion flow uses it")
+        if r["time_vs_retrain"] > 1:
+            notes.append("⚠ slower than retraining")
+        table.append({
+            "setting": setting, "rank": rank, "method": r["method"], "Final": interval(r["final"]),
+            "final": r["final"]["estimate"], "final_low": r["final"]["low"], "final_high": r["final"]["high"],
+            "overlaps best": rank > 1 and r["final"]["high"] >= rows[0]["final"]["low"],
+            "time / retrain": float(r["time_vs_retrain"]), "within budget": bool(r["time_vs_retrain"] <= res.budget),
+            "test acc loss [points]": 100 * (retrain_test - r["test"]), "forget acc": float(r["forget"]),
+            "notes": "; ".join(notes),
+        })
+    return pd.DataFrame(table, columns=RANKING_COLUMNS)
+
+
+RANKING_COLUMNS = ["setting", "rank", "method", "Final", "final", "final_low", "final_high", "overlaps best", "time / retrain",
+                   "within budget", "test acc loss [points]", "forget acc", "notes"]
+
+
+def ranking_shown(ranked: pd.DataFrame) -> pd.DataFrame:
+    """The ranking as a page shows it: integers as integers, yes/no, rounded numbers, no duplicate Final columns."""
+    shown = ranked.drop(columns=["final", "final_low", "final_high"]).copy()
+    shown["rank"] = shown["rank"].astype(int).astype(str)
+    for column in ("overlaps best", "within budget"):
+        shown[column] = shown[column].map({True: "yes", False: "no"})
+    shown["time / retrain"] = shown["time / retrain"].map(lambda v: f"{v:.2f}")
+    shown["test acc loss [points]"] = shown["test acc loss [points]"].map(lambda v: f"{v:+.1f}")
+    shown["forget acc"] = shown["forget acc"].map(lambda v: f"{v:.3f}")
+    return shown
+
+
+def recommendation(setting: str, ranked: pd.DataFrame, res: SettingResults, auto: dict) -> str:
+    """One paragraph: the best-ranked run within the time budget and why, the runs whose interval
+    overlaps its own, the runs slower than retraining, and which run the deletion flow would use."""
+    if ranked.empty:
+        return f"{setting}: no runs."
+    within = ranked[ranked["within budget"]]
+    parts = []
+    if within.empty:
+        best = ranked.iloc[0]
+        parts.append(f"{setting}: no run fits the time budget ({res.budget:g} x retrain); the best Final is {best['method']} ({best['Final']}).")
+    else:
+        top = within.iloc[0]
+        loss = top["test acc loss [points]"]
+        parts.append(f"{setting}: recommended **{top['method']}** (rank {int(top['rank'])}): Final {top['Final']}, "
+                     f"time / retrain {top['time / retrain']:.2f} within the budget of {res.budget:g}, "
+                     f"test accuracy {abs(loss):.1f} points {'below' if loss >= 0 else 'above'} retraining.")
+        higher = ranked[ranked["rank"] < top["rank"]]
+        if len(higher):
+            parts.append("Ranked higher but over the time budget: " + ", ".join(higher["method"]) + ".")
+        others = within[within["rank"] != top["rank"]]
+        tied = others[(others["final_high"] >= top["final_low"]) & (others["final_low"] <= top["final_high"])]
+        if len(tied):
+            parts.append("Intervals overlapping its own (not clearly worse on these models): " + ", ".join(tied["method"]) + ".")
+    slow = ranked[ranked["time / retrain"] > 1]
+    if len(slow):
+        parts.append("⚠ Slower than retraining from scratch: " + ", ".join(f"{m} ({t:.2f} x retrain)" for m, t in zip(slow["method"], slow["time / retrain"]))
+                     + ": retraining would be exact and faster.")
+    if auto.get("setting") == setting and auto.get("method"):
+        parts.append(f"The deletion flow (ops.method: {params_method(auto)}) uses **{auto['method']}** {AUTO_MARK} ({auto['rule']}).")
+    return " ".join(parts)
+
+
+def params_method(auto: dict) -> str:
+    return "auto" if auto["rule"].startswith("auto") else auto["method"]
 
 
 def disjoint_ranks(res: SettingResults, groups: tuple[int, ...], seed: int) -> pd.DataFrame:
@@ -223,13 +337,19 @@ def reading(results: dict[str, SettingResults], general: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- plots
 
 
+def _confidence_example(res: SettingResults) -> tuple[list[str], int]:
+    """The top methods by Final and the forget example with the highest mean epsilon over them."""
+    finals = {n: m["final_score"]["estimate"] for n, m in res.metrics.items()}
+    top = sorted(finals, key=finals.get, reverse=True)[:TOP_METHODS]
+    return top, int(np.argmax(np.mean([res.epsilons[n] for n in top], axis=0)))
+
+
 def plot_confidence_histograms(res: SettingResults, path: Path) -> Path:
     """The seed study's Figures 2-3: for the top methods of a setting, the N unlearned and N retrained
     confidences on ONE forget example: the one with the highest mean epsilon over those methods,
     where they are told apart from retraining the most."""
     finals = {n: m["final_score"]["estimate"] for n, m in res.metrics.items()}
-    top = sorted(finals, key=finals.get, reverse=True)[:TOP_METHODS]
-    example = int(np.argmax(np.mean([res.epsilons[n] for n in top], axis=0)))
+    top, example = _confidence_example(res)
     conf_r = evaluation.forget_confidences(res.retrained)[:, example]
     fig, axes = plt.subplots(1, len(top), figsize=(3.4 * len(top), 2.8), squeeze=False)
     for ax, name in zip(axes[0], top):
@@ -254,21 +374,62 @@ def plot_epsilons(epsilons: dict[str, np.ndarray], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_final_vs_time(res: SettingResults, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, m in res.metrics.items():
-        s = m["final_score"]
-        ax.errorbar(m["seconds_per_model"], s["estimate"], yerr=[[s["estimate"] - s["low"]], [s["high"] - s["estimate"]]], fmt="o", capsize=3)
-        ax.annotate(name, (m["seconds_per_model"], s["estimate"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+MARKERS = "osD^vP*Xhp<>"
+
+
+def final_vs_time_data(res: SettingResults) -> pd.DataFrame:
+    """The Final-vs-time plot's data: one row per run (reports/plots/final_vs_time/<setting>.csv)."""
+    rows = [{"method": name, "seconds_per_model": m["seconds_per_model"], "time_vs_retrain": m["time_vs_retrain"],
+             "final": m["final_score"]["estimate"], "final_low": m["final_score"]["low"], "final_high": m["final_score"]["high"]}
+            for name, m in res.metrics.items()]
+    return pd.DataFrame(rows).sort_values("final", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def plot_final_vs_time(res: SettingResults, path: Path, auto_method: str | None = None) -> Path:
+    """Final (with its interval) against time per model, one colour and marker per run, named in a
+    legend beside the axes (ordered by Final) rather than by labels on the points, which overlap
+    where runs take similar time; the run ops would use is circled."""
+    data = final_vs_time_data(res)
+    colours = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    for i, r in data.iterrows():
+        label = f"{i + 1}. {r['method']}" + (f"  {AUTO_MARK}" if r["method"] == auto_method else "")
+        ax.errorbar(r["seconds_per_model"], r["final"], yerr=[[r["final"] - r["final_low"]], [r["final_high"] - r["final"]]],
+                    fmt=MARKERS[i % len(MARKERS)], color=colours[i % len(colours)], capsize=3, label=label, markersize=6)
+        if r["method"] == auto_method:
+            ax.plot(r["seconds_per_model"], r["final"], "o", ms=15, mfc="none", mec="black", mew=1.5)
     retrain_seconds = res.retrain["seconds_per_model"]
     ax.axvline(retrain_seconds, color="gray", ls="--", lw=1, label="retrain time")
     ax.axvline(retrain_seconds * res.budget, color="tab:red", ls=":", lw=1, label=f"time budget ({res.budget:g} x retrain)")
     ax.set_xscale("log")
     ax.set_xlabel("time per model [s] (log)")
-    ax.set_ylabel("Final score (95% interval over forget examples)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("Final (95% interval over forget examples)")
+    handles, labels = ax.get_legend_handles_labels()
+    runs_first = sorted(range(len(labels)), key=lambda i: not labels[i][0].isdigit())  # the runs by rank, then the two lines
+    ax.legend([handles[i] for i in runs_first], [labels[i] for i in runs_first], fontsize=7.5, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), borderaxespad=0, title="rank. run (by Final)", title_fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def confidence_data(res: SettingResults) -> pd.DataFrame:
+    """The confidence plot's data: the N retrained and N unlearned logit-scaled confidences of the
+    top methods on the forget example the histograms show (reports/plots/confidences/<setting>.csv)."""
+    top, example = _confidence_example(res)
+    frames = [pd.DataFrame({"models": "retrained", "model": np.arange(res.retrained.n_models),
+                            "confidence": evaluation.forget_confidences(res.retrained)[:, example]})]
+    for name in top:
+        conf = evaluation.forget_confidences(res.outputs[name])[:, example]
+        frames.append(pd.DataFrame({"models": name, "model": np.arange(len(conf)), "confidence": conf}))
+    data = pd.concat(frames, ignore_index=True)
+    data.insert(0, "sample_id", res.retrained.ids["forget"][example])
+    return data
+
+
+def epsilon_data(res: SettingResults) -> pd.DataFrame:
+    """The epsilon plot's data: one row per run and forget example (reports/plots/epsilons/<setting>.csv)."""
+    return pd.concat([pd.DataFrame({"method": name, "example": np.arange(len(eps)), "epsilon": eps}) for name, eps in res.epsilons.items()],
+                     ignore_index=True)
 
 
 def _save(fig, path: Path) -> Path:
@@ -307,8 +468,15 @@ def _write(out_dir: Path, stem: str, frame: pd.DataFrame, markdown: str | None =
     return [out_dir / f"{stem}.csv", out_dir / f"{stem}.md"]
 
 
-def build(params: dict, settings: dict[str, tuple[dict, Layout]], out_dir: Path) -> list[Path]:
-    """Write the report of `settings` (name -> (its params, its layout)) into out_dir; returns the paths."""
+def _plot(out_dir: Path, kind: str, setting: str) -> Path:
+    """reports/plots/<kind>/<setting>.png; its data beside it as .csv. One folder per kind, so that
+    dvc.yaml can give each kind its template and x/y fields once, for every setting."""
+    return out_dir / "plots" / kind / (re.sub(r"[^A-Za-z0-9._-]+", "_", setting) + ".png")
+
+
+def build(params: dict, settings: dict[str, tuple[dict, Layout]], out_dir: Path, summary_dir: Path | None = None) -> list[Path]:
+    """Write the report of `settings` (name -> (its params, its layout)) into out_dir, and with
+    `summary_dir` each setting's summary/<setting>.json; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {name: SettingResults(p, where) for name, (p, where) in settings.items()}
     budget = float(params["evaluate"]["time_budget"])
@@ -317,6 +485,15 @@ def build(params: dict, settings: dict[str, tuple[dict, Layout]], out_dir: Path)
     written = _write(out_dir, "table", table_numbers(results), table_markdown(shown, budget))
     write_text_atomic(out_dir / "table.html", shown.to_html())
     written.append(out_dir / "table.html")
+    auto = auto_choice(params, results)
+    rankings = {s: setting_ranking(s, res, auto) for s, res in results.items()}
+    advice = {s: recommendation(s, rankings[s], res, auto) for s, res in results.items()}
+    ranking_md = "\n".join(f"## {s}\n\n{advice[s]}\n\n" + ranking_shown(rankings[s]).drop(columns="setting").to_markdown(index=False, disable_numparse=True) + "\n"
+                           for s in results)
+    ranking_md += (f"\nRank 1 = highest Final. Within budget: time / retrain <= evaluate.time_budget = {budget:g}. Test acc loss: "
+                   "retrained models' mean test accuracy minus the run's, in points. Overlaps best: its Final interval reaches "
+                   f"the best run's. {AUTO_MARK}: the run the deletion flow would use ({auto['rule']}).\n")
+    written += _write(out_dir, "ranking", pd.concat(rankings.values(), ignore_index=True), ranking_md)
     general = generality(results)
     written += _write(out_dir, "generality", general)
     long, stability_md = stability(results, int(params["evaluate"]["seed"]))
@@ -324,18 +501,27 @@ def build(params: dict, settings: dict[str, tuple[dict, Layout]], out_dir: Path)
     relearn = pd.concat([res.relearn.assign(setting=s) for s, res in results.items()], ignore_index=True)
     relearn_md = "\n".join(f"## {s}\n\n" + report_relearn.markdown(res.relearn) for s, res in results.items())
     written += _write(out_dir, "relearn", relearn, relearn_md)
-    text = reading(results, general)
+    text = "\n\n".join(advice.values()) + "\n\n" + reading(results, general)
     write_text_atomic(out_dir / "reading.md", text)
     written.append(out_dir / "reading.md")
 
-    plots = {}
+    plots, data = {}, []
     for setting, res in results.items():
-        folder = out_dir / "plots" / re.sub(r"[^A-Za-z0-9._-]+", "_", setting)
-        plots[f"{setting}: confidences on one forget example, top methods vs retrained (seed study Figures 2-3)"] = plot_confidence_histograms(res, folder / "confidence_histograms.png")
-        plots[f"{setting}: Final score vs time"] = plot_final_vs_time(res, folder / "final_vs_time.png")
-        plots[f"{setting}: per-example epsilon"] = plot_epsilons(res.epsilons, folder / "epsilons.png")
-        report_relearn.relearn_plot(res.relearn, folder / "relearn.png")
-        plots[f"{setting}: relearning attack, accuracy on held-back folds after fine-tuning on the others"] = folder / "relearn.png"
+        pick = auto["method"] if auto.get("setting") == setting else None
+        path = _plot(out_dir, "final_vs_time", setting)
+        plots[f"{setting}: Final vs time per model"] = plot_final_vs_time(res, path, pick)
+        final_vs_time_data(res).to_csv(path.with_suffix(".csv"), index=False)
+        path = _plot(out_dir, "relearn", setting)
+        report_relearn.relearn_plot(res.relearn, path)
+        plots[f"{setting}: relearning attack, accuracy on held-back folds after fine-tuning on the others"] = path
+        res.relearn_curves.to_csv(path.with_suffix(".csv"), index=False)
+        path = _plot(out_dir, "confidences", setting)
+        plots[f"{setting}: confidences on one forget example, top methods vs retrained (seed study Figures 2-3)"] = plot_confidence_histograms(res, path)
+        confidence_data(res).to_csv(path.with_suffix(".csv"), index=False)
+        path = _plot(out_dir, "epsilons", setting)
+        plots[f"{setting}: per-example epsilon"] = plot_epsilons(res.epsilons, path)
+        epsilon_data(res).to_csv(path.with_suffix(".csv"), index=False)
+    data = [p.with_suffix(".csv") for p in plots.values()]
     notes = [line for line in text.replace("**", "").split("\n\n") if line.strip()] + [
         "Final = F x retain-accuracy ratio x test-accuracy ratio (NeurIPS 2023 competition). "
         f"{OVER_BUDGET}: time / retrain above evaluate.time_budget = {budget:g} (the competition's limit). "
@@ -343,12 +529,20 @@ def build(params: dict, settings: dict[str, tuple[dict, Layout]], out_dir: Path)
     ]
     flat_shown = shown.copy()
     flat_shown.columns = [f"{s}: {m}" for s, m in shown.columns]
-    tables = {"Table 1: one column group per setting": flat_shown.reset_index(), "Generality": general,
-              "Relearning attack": relearn}
+    tables = {f"Ranking: {s}": ranking_shown(rankings[s]).drop(columns="setting") for s in results}
+    tables |= {"Table 1: one column group per setting": flat_shown.reset_index(), "Generality": general,
+               "Relearning attack": relearn}
     tables |= {f"{s}: details": res.details() for s, res in results.items()}
     html_path = write_html(out_dir / "index.html", f"unlearnops benchmark: {', '.join(results)}", notes, tables,
                            {"Ranking stability on disjoint model subsets": stability_md}, plots)
-    summary = {row["method"]: {"mean_rank": row["mean rank"], "worst_final": row["worst Final"], "time_rank": row["time rank"]}
-               for row in general.to_dict("records")}
-    write_json(out_dir / "generality.json", summary, sort_keys=False)
-    return written + list(plots.values()) + [html_path, out_dir / "generality.json"]
+    summary_json = {row["method"]: {"mean_rank": row["mean rank"], "worst_final": row["worst Final"], "time_rank": int(row["time rank"])}
+                    for row in general.to_dict("records")}
+    write_json(out_dir / "generality.json", summary_json, sort_keys=False)
+    written += list(plots.values()) + data + [html_path, out_dir / "generality.json"]
+    if summary_dir is not None:
+        summary_dir.mkdir(parents=True, exist_ok=True)
+        for setting, res in results.items():
+            path = summary_dir / f"{setting}.json"
+            write_json(path, summary(res), sort_keys=False)
+            written.append(path)
+    return written

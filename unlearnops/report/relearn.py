@@ -69,9 +69,22 @@ def markdown(table: pd.DataFrame) -> str:
     return note + shown.to_markdown(index=False) + "\n"
 
 
+def relearn_curves(params: dict, metrics_dir: Path) -> pd.DataFrame:
+    """The attack's curves: per run (retrain first) and S, the mean accuracy on T after each epoch
+    of the attack (epoch 0: before it); the data of reports/plots/relearn/<setting>.csv."""
+    rows = []
+    for name in ["retrain", *run_names(params)]:
+        for entry in _read(metrics_dir, name)["subsets"].values():
+            rows += [{"method": name, "S": _folds(entry["S"]), "T": _folds(entry["T"]), "epoch": epoch, "accuracy": accuracy}
+                     for epoch, accuracy in enumerate(entry.get("per_epoch", []))]
+    return pd.DataFrame(rows, columns=["method", "S", "T", "epoch", "accuracy"])
+
+
 def relearn_plot(table: pd.DataFrame, path: Path) -> None:
-    """Per method and S: accuracy on T after the attack beside retrain's, with std error bars;
-    a dot marks the accuracy before the attack."""
+    """Per run, one row of horizontal bars per S: accuracy on T after the attack (std error bars)
+    beside retrain's after the same attack; a dot marks the accuracy before the attack. One panel
+    per S, the runs down the page: the labels stay horizontal and readable at page width however
+    many runs there are."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,20 +92,31 @@ def relearn_plot(table: pd.DataFrame, path: Path) -> None:
     import numpy as np
 
     rows = table[table["method"] != "retrain"].reset_index(drop=True)
-    x = np.arange(len(rows))
-    width = 0.38
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.2))
-    ax.bar(x - width / 2, rows["after_mean"], width, yerr=rows["after_std"], capsize=3, label="method, after attack")
-    ax.bar(x + width / 2, rows["retrain_after_mean"], width, yerr=rows["retrain_after_std"], capsize=3, color="tab:gray", label="retrain, after attack")
-    ax.plot(x - width / 2, rows["before_mean"], "k.", markersize=9, label="method, before attack")
-    ax.set_xticks(x, [f"{m}\nS={s}" for m, s in zip(rows["method"], rows["S"])], fontsize=8)
-    ax.set_ylabel("accuracy on the other folds T")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Relearning attack: fine-tune on folds S, accuracy on T")
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
+    subsets = list(dict.fromkeys(rows["S"]))
+    methods = list(dict.fromkeys(rows["method"]))
+    y = np.arange(len(methods))
+    height = 0.38
+    fig, axes = plt.subplots(1, max(1, len(subsets)), figsize=(10, 1.2 + 0.34 * len(methods)), sharey=True, squeeze=False)
+    for ax, subset in zip(axes[0], subsets):
+        part = rows[rows["S"] == subset].set_index("method").reindex(methods)
+        ax.barh(y - height / 2, part["after_mean"], height, xerr=part["after_std"], capsize=2, label="run, after attack", color="tab:blue")
+        ax.barh(y + height / 2, part["retrain_after_mean"], height, xerr=part["retrain_after_std"], capsize=2, color="tab:gray",
+                label="retrain, after attack")
+        ax.plot(part["before_mean"], y - height / 2, "k.", markersize=8, label="run, before attack")
+        ax.set_xlim(0, 1.05)
+        ax.set_title(f"relearn on S={subset}, accuracy on T={part['T'].dropna().iloc[0] if part['T'].notna().any() else '?'}", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0, 0].set_yticks(y, methods)
+    axes[0, 0].invert_yaxis()
+    for ax in axes[0]:
+        ax.set_xlabel("accuracy on the other folds T", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)  # below the panels, over no bar
+    fig.suptitle("Relearning attack: fine-tune on folds S only; a robust run stays near retrain", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from unlearnops.config import ConfigError, choose
+from unlearnops.files import torch_save, write_csv
 
 SPLITS = ("train", "val", "test")
 FORGET_MODES = ("random", "users", "class")
@@ -263,16 +264,16 @@ def _split_table(data_cfg: dict) -> tuple[Source, np.ndarray, pd.DataFrame]:
 def _write(out_dir: Path, source: Source, keep: np.ndarray, table: pd.DataFrame) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     keep_t = torch.from_numpy(keep)
-    torch.save(
+    torch_save(
+        out_dir / "images.pt",
         {
             "images": source.images[keep_t].contiguous(),
             "labels": source.labels[keep_t].contiguous(),
             "sample_ids": torch.from_numpy(table["sample_id"].to_numpy(copy=True)),
             "num_classes": source.num_classes,
         },
-        out_dir / "images.pt",
     )
-    table.to_csv(out_dir / "samples.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+    write_csv(out_dir / "samples.csv", table, index=False, quoting=csv.QUOTE_MINIMAL)
     return _summary(table, source.num_classes) | {"n_deleted": int((~keep).sum())}
 
 
@@ -294,7 +295,7 @@ def choose_forget(params: dict, split_dir: str | Path, out_dir: str | Path) -> d
     num_classes = int(torch.load(split_dir / "images.pt", weights_only=True, mmap=True)["num_classes"])
     table["forget"] = select_forget(table, params["forget"], num_classes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / "samples.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+    write_csv(out_dir / "samples.csv", table, index=False, quoting=csv.QUOTE_MINIMAL)
     return _summary(table, num_classes)
 
 

@@ -7,7 +7,6 @@ Evaluation reads only these files and never retrains. Layout of one run folder:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from unlearnops.data import PreparedData
+from unlearnops.files import savez
 from unlearnops.stack import CheckpointError, ModelStack
 from unlearnops.training import Runtime, predict
 
@@ -46,9 +46,7 @@ class RunOutputs:
             arrays[split] = self.logits[split].astype(np.float32)
             arrays[f"{split}_labels"] = self.labels[split]
             arrays[f"{split}_ids"] = self.ids[split]
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        savez(path, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "RunOutputs":

@@ -5,13 +5,13 @@ training engine run them as one computation (torch.func.vmap) and keeps outputs 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from unlearnops.files import torch_save
 from unlearnops.nets import build_model
 
 FORMAT = "unlearnops.stack/1"
@@ -78,7 +78,6 @@ class ModelStack:
         """Write atomically: a crash mid-write never leaves a half checkpoint behind."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         blob = {
             "format": FORMAT,
             "spec": self.spec,
@@ -86,8 +85,7 @@ class ModelStack:
             "buffers": {k: v.detach().cpu().contiguous() for k, v in self.buffers.items()},
             "seeds": list(self.seeds),
         }
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        torch_save(path, blob)  # unique temp name, fsync, rename
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelStack":

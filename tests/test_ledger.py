@@ -454,7 +454,7 @@ def test_cmd_submit_prints_the_request(ledger, samples_csv, capsys):
 
 def test_cmd_submit_rejected_prints_reason_and_fails(ledger, capsys):
     assert cmd_submit(ledger, SAMPLES, ["7x"], [999], None) == 1
-    assert "req-000001 rejected: non-integer user ids: ['7x']" in capsys.readouterr().out
+    assert "req-000001 rejected: non-integer user ids: ['7x']" in capsys.readouterr().err
     assert ledger.get("req-000001").status is Status.rejected
 
 
@@ -462,7 +462,7 @@ def test_cmd_submit_malformed_file_fails_and_stores_nothing(ledger, tmp_path, ca
     path = tmp_path / "r.json"
     path.write_text("{")
     assert cmd_submit(ledger, SAMPLES, None, None, path) == 2
-    assert f"malformed request file {path}" in capsys.readouterr().out
+    assert f"malformed request file {path}" in capsys.readouterr().err
     assert cmd_submit(ledger, SAMPLES, [1], None, path) == 2  # file and ids together
     assert ledger.list() == []
 
@@ -489,6 +489,6 @@ def test_cmd_list_and_show(ledger, capsys):
     out = capsys.readouterr().out
     assert "processing" in out and "pipeline" in out and "run 42" in out and "[10, 12]" in out
     assert cmd_show(ledger, "req-000404") == 2
-    assert "no deletion request 'req-000404'" in capsys.readouterr().out
+    assert "no deletion request 'req-000404'" in capsys.readouterr().err
     assert cmd_list(ledger, "bogus") == 2
-    assert "unknown status 'bogus'" in capsys.readouterr().out
+    assert "unknown status 'bogus'" in capsys.readouterr().err

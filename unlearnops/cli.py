@@ -1,4 +1,9 @@
-"""`unlearnops ...`: the command line. Each command is a thin call into the library."""
+"""`unlearnops ...`: the command line. Each command is a thin call into the library.
+
+Exit codes (unlearnops/ops/errors.py): 0 ok; 1 done with a negative outcome (a submitted request
+was rejected); 2 usage (bad arguments, params.yaml, input files); 3 refused (the ledger's or the
+registry's state does not allow it); 4 internal error. Every error is one line on stderr.
+"""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +32,23 @@ STAGES = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {' '.join(message.split())} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_checked(path: str) -> dict:
+    """params.yaml, validated against the schema (one ConfigError naming every bad key)."""
+    from unlearnops.params_schema import validate_params
+
+    params = load_params(path)
+    validate_params(params)
+    return params
+
+
 def run_stage(stage: str, argv: list[str]) -> None:
     """Entry point of stages/<stage>.py: a bad input gives one clear line and exit code 2.
 
@@ -34,7 +56,7 @@ def run_stage(stage: str, argv: list[str]) -> None:
     and `--condense NAME` for unlearn and evaluate, `--grid` for report."""
     from unlearnops import pipeline
 
-    parser = argparse.ArgumentParser(prog=f"stages/{stage}.py")
+    parser = OneLineParser(prog=f"stages/{stage}.py")
     parser.add_argument("names", nargs="*")
     if stage in ("unlearn", "evaluate"):
         parser.add_argument("--setting", help="the setting of params.yaml `settings` (default: the flat layout)")
@@ -43,13 +65,14 @@ def run_stage(stage: str, argv: list[str]) -> None:
         parser.add_argument("--grid", action="store_true", help="report every setting of params.yaml")
     options = {k: v for k, v in vars(parser.parse_args(argv)).items() if v}
     names = options.pop("names", [])
+    from unlearnops.ops import errors
+
     try:
-        params = load_params(os.environ.get("UNLEARNOPS_PARAMS", "params.yaml"))
+        params = load_checked(os.environ.get("UNLEARNOPS_PARAMS", "params.yaml"))
         for function in STAGES[stage]:
             getattr(pipeline, function)(params, *names, **options)
-    except USER_ERRORS as err:
-        print(f"error: {stage}: {err}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as err:
+        sys.exit(errors.report(err, f"{stage}: "))
 
 
 def cmd_repro(args) -> int:
@@ -93,13 +116,13 @@ def _ids(values: list[str] | None) -> list[str] | None:
 def cmd_request(args) -> int:
     from unlearnops.ops import deletion, ledger_cli
 
-    params = load_params(args.params)
+    params = load_checked(args.params)
     ledger = deletion.open_ledger(params)
     if args.action == "submit":
         return ledger_cli.cmd_submit(ledger, deletion.samples_table(params), _ids(args.user_ids), _ids(args.sample_ids),
                                      args.file, reason=args.reason, actor=args.actor, deleted=params["data"]["deleted"])
     if args.action == "list":
-        return ledger_cli.cmd_list(ledger, args.status)
+        return ledger_cli.cmd_list(ledger, args.status, args.overdue)
     if args.action == "show":
         return ledger_cli.cmd_show(ledger, args.request_id)
     return ledger_cli.cmd_retry(ledger, args.request_ids, actor=args.actor)
@@ -108,11 +131,11 @@ def cmd_request(args) -> int:
 def cmd_review(args) -> int:
     from unlearnops.ops import deletion, model_registry, review_cli
 
-    params = load_params(args.params)
+    params = load_checked(args.params)
     mlflow_client = model_registry.client(params)
-    if args.action == "list":
-        return review_cli.cmd_list(mlflow_client, params, args.all)
     ledger = deletion.open_ledger(params)
+    if args.action == "list":
+        return review_cli.cmd_list(mlflow_client, params, args.all, ledger)
     if args.action == "approve":
         return review_cli.cmd_approve(mlflow_client, ledger, params, args.version, args.reviewer, args.reason)
     return review_cli.cmd_reject(mlflow_client, ledger, params, args.version, args.reviewer, args.reason,
@@ -130,8 +153,10 @@ def _add_request_commands(sub) -> None:
     submit.add_argument("--actor", help="who submits it (recorded in the audit trail)")
     listing = actions.add_parser("list", help="list requests")
     listing.add_argument("--status", help="only requests with this status")
+    listing.add_argument("--overdue", action="store_true",
+                         help="only open requests (not yet deleted or rejected) past their due date")
     actions.add_parser("show", help="one request and its history").add_argument("request_id")
-    retry = actions.add_parser("retry", help="queue failed requests for the next deletion run")
+    retry = actions.add_parser("retry", help="queue failed requests for the next deletion run (all ids or none)")
     retry.add_argument("request_ids", nargs="+", metavar="ID")
     retry.add_argument("--actor", help="who asks for the retry")
     request.set_defaults(func=cmd_request)
@@ -156,7 +181,11 @@ def _add_review_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unlearnops", description="Machine unlearning benchmark and operations.")
+    parser = OneLineParser(
+        prog="unlearnops", description="Machine unlearning benchmark and operations.",
+        epilog="exit codes: 0 ok; 1 done, negative outcome (a request rejected); 2 usage (arguments, params.yaml, "
+               "input files); 3 refused (ledger/registry state, e.g. already decided); 4 internal error. "
+               "Errors are one line on stderr.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -179,12 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from unlearnops.ops import errors
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # every error: one line on stderr, its exit code
+        return errors.report(err)
 
 
 if __name__ == "__main__":

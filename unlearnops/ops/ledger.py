@@ -561,7 +561,7 @@ class Ledger:
         with its audit event: back to `unlearned` if the pending candidate `candidate_version`
         still covers it, else `failed` with the reason and the error's class.
         Returns (failed ids, kept ids)."""
-        note = f"{error_class}: {reason}"
+        note = f"{reason} [{error_class}]"
         with self._session.begin() as session:
             held = list(session.scalars(select(DeletionRequest)
                                         .where(DeletionRequest.status == Status.processing)))

@@ -103,6 +103,12 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
     return code, captured.out + captured.err
 
 
+def run_cli_quiet(*args: str) -> int:
+    code = cli.main(["--params", "params.yaml", *args])
+    assert code == 0, args
+    return code
+
+
 def train_users(n: int) -> list[int]:
     """n users with at least two training samples."""
     table = pd.read_csv(layout.PREPARED / "samples.csv")
@@ -304,7 +310,7 @@ def test_flow_registers_a_candidate_and_approval_makes_it_champion_and_deletes_t
     code, out = run_cli(capsys, "request", "submit", "--user-ids", str(user_a))
     assert code == 1 and "already deleted" in out
     code, out = run_cli(capsys, "review", "approve", "2", "--reviewer", "carol")
-    assert code == 2 and "not awaiting review (review_status: approved)" in out
+    assert code == 3 and "not awaiting review (review_status: approved" in out
 
 
 def test_a_crash_mid_flow_is_resumed_by_the_next_run_without_doing_anything_twice(ops, prefect_harness, monkeypatch):
@@ -335,32 +341,41 @@ def test_a_crash_mid_flow_is_resumed_by_the_next_run_without_doing_anything_twic
 
         monkeypatch.setattr(deletion, step, step_that_crashes_once)
 
-    # A crash during evaluation: the request stays `processing`, nothing is registered.
+    # A crash during evaluation: the request is settled as failed with the error, nothing is
+    # registered; once retried, the next run reuses the candidate unlearned before the crash.
     crash_once("evaluate")
     with pytest.raises(RuntimeError, match="injected crash in evaluate"):
         deletion_requests("params.yaml")
-    assert ledger.get(first).status is Status.processing
+    assert ledger.get(first).status is Status.failed
+    assert ledger.events(first)[-1].note == "injected crash in evaluate [RuntimeError]"
+    assert ledger.get(first).extra["error_class"] == "RuntimeError"
     client = model_registry.client(ops)
     assert numbers(model_registry.versions(client, name)) == ["1"]
+    ledger.transition(first, Status.received, actor="test", note="retry")
     outcome = deletion_requests("params.yaml")
     assert outcome["version"] == "2" and outcome["unlearned"] == [first]
     assert unlearn_calls == ["finetune"]  # the candidate unlearned before the crash was reused
-    assert history(ledger, first) == [(None, "received"), ("received", "processing"), ("processing", "unlearned")]
+    assert history(ledger, first) == [(None, "received"), ("received", "processing"), ("processing", "failed"),
+                                      ("failed", "received"), ("received", "processing"), ("processing", "unlearned")]
 
-    # A crash after registration, before the ledger heard of it: the rerun finds the version.
+    # A crash after registration, before the ledger heard of it: both requests (the first was
+    # claimed again to be unlearned with the second) are settled as failed; after a retry the
+    # rerun finds v3 by its work key and registers nothing twice.
     second = ledger.submit(user_ids=[user_b], samples=deletion.samples_table()).id
     crash_once("settle")
     with pytest.raises(RuntimeError, match="injected crash in settle"):
         deletion_requests("params.yaml")
     assert numbers(model_registry.versions(client, name)) == ["3", "2", "1"]
-    assert {ledger.get(r).status for r in (first, second)} == {Status.processing}
+    assert {ledger.get(r).status for r in (first, second)} == {Status.failed}
+    run_cli_quiet("request", "retry", first, second)
     outcome = deletion_requests("params.yaml")
     assert outcome["version"] == "3" and outcome["unlearned"] == [first, second]
     assert numbers(model_registry.versions(client, name)) == ["3", "2", "1"]
     assert unlearn_calls == ["finetune", "finetune"]
     assert model_registry.get_alias(client, name, model_registry.CANDIDATE).version == 3
     assert model_registry.get_version(client, name, 2).tags["review_status"] == "superseded"
-    assert history(ledger, second) == [(None, "received"), ("received", "processing"), ("processing", "unlearned")]
+    assert history(ledger, second) == [(None, "received"), ("received", "processing"), ("processing", "failed"),
+                                       ("failed", "received"), ("received", "processing"), ("processing", "unlearned")]
     assert ledger.get(first).model_version == "3"
 
 
@@ -386,9 +401,9 @@ def test_failed_gates_register_nothing_and_fail_the_requests_until_retried(ops, 
 
     # The operator fixes the params and queues the request again.
     code, out = run_cli(capsys, "request", "retry", request_id, "--actor", "dave")
-    assert code == 0 and ledger.get(request_id).status is Status.processing
+    assert code == 0 and ledger.get(request_id).status is Status.received
     code, out = run_cli(capsys, "request", "retry", request_id)
-    assert code == 2 and "only failed requests can be retried" in out
+    assert code == 3 and "only failed requests can be retried" in out
     ops["ops"]["gates"]["max_test_accuracy_drop"] = 1.0
     write_params(ops)
     outcome = deletion_requests("params.yaml")
@@ -414,14 +429,14 @@ def test_new_requests_supersede_the_pending_candidate_and_rejection_is_recorded(
     assert numbers(model_registry.candidates(client, name, include_decided=True)) == ["3", "2"]
 
     # Refused approvals change nothing.
-    for version, message in [("2", "not awaiting review (review_status: superseded)"),
-                             ("1", "v1 of '" + name + "' is not an unlearned candidate (role: target)"),
-                             ("9", "has no version '9'")]:
+    for version, message, expected in [("2", "not awaiting review (review_status: superseded)", 3),
+                                       ("1", "v1 of '" + name + "' is not an unlearned candidate (role: target)", 3),
+                                       ("9", "has no version '9'", 2)]:
         code, out = run_cli(capsys, "review", "approve", version, "--reviewer", "eve")
-        assert code == 2 and message in out, out
+        assert code == expected and message in out, out
     client.set_model_version_tag(name, "3", "gates", "failed")
     code, out = run_cli(capsys, "review", "approve", "3", "--reviewer", "eve")
-    assert code == 2 and "its gates did not pass" in out
+    assert code == 3 and "its gates did not pass" in out
     client.set_model_version_tag(name, "3", "gates", "passed")
     assert model_registry.get_alias(client, name, model_registry.CHAMPION).version == 1
     assert {ledger.get(r).status for r in (first, second)} == {Status.unlearned}

@@ -21,9 +21,11 @@ def classify(err: BaseException) -> tuple[int, str]:
     """(exit code, prefix) for an exception."""
     from unlearnops.config import ConfigError
     from unlearnops.ops.ledger import LedgerError, Refused
-    from unlearnops.ops.model_registry import RegistryError
+    from unlearnops.ops.model_registry import RegistryError, UnknownVersion
     from unlearnops.stack import CheckpointError
 
+    if isinstance(err, UnknownVersion):
+        return USAGE, "error"
     if isinstance(err, (Refused, RegistryError)):
         return REFUSED, "refused"
     if isinstance(err, (ConfigError, LedgerError, CheckpointError, FileNotFoundError, IsADirectoryError,

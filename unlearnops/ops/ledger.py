@@ -531,13 +531,13 @@ class Ledger:
         if unknown:
             raise LedgerError(f"no deletion request {', '.join(map(repr, unknown))}")
         for request in requests:
+            complaint = expect(request) if expect else None
+            if complaint:
+                raise Refused(f"{request.id}: {complaint}")
             if to_status not in TRANSITIONS[request.status]:
                 allowed = ", ".join(sorted(TRANSITIONS[request.status])) or "none (final)"
                 raise Refused(f"{request.id}: illegal transition {request.status} -> "
                               f"{to_status} (allowed: {allowed})")
-            complaint = expect(request) if expect else None
-            if complaint:
-                raise Refused(f"{request.id}: {complaint}")
         now = _now()
         for request in requests:
             session.add(RequestEvent(request_id=request.id, from_status=request.status,

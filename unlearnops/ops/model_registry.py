@@ -47,7 +47,11 @@ PENDING, APPROVED, REJECTED, SUPERSEDED = "pending", "approved", "rejected", "su
 
 
 class RegistryError(ValueError):
-    """A review action that cannot be carried out (nothing was changed)."""
+    """A review action that the registry's state refuses (nothing was changed)."""
+
+
+class UnknownVersion(RegistryError):
+    """A version number that the registered model does not have (bad input)."""
 
 
 def client(params: dict):
@@ -126,7 +130,7 @@ def get_version(mlflow_client, name: str, version: int | str):
     try:
         return mlflow_client.get_model_version(name, str(version))
     except MlflowException:
-        raise RegistryError(f"registered model '{name}' has no version {version!r}") from None
+        raise UnknownVersion(f"registered model '{name}' has no version {version!r}") from None
 
 
 def versions(mlflow_client, name: str, **tags: str) -> list:
@@ -295,6 +299,9 @@ def _decide(mlflow_client, ledger: Ledger, params: dict, number, reviewer: str, 
     version = get_version(mlflow_client, name, number)
     earlier = ledger.review(name, str(version.version))
     if earlier is not None:  # decided: finish MLflow's side, then tell the caller
+        if version.tags.get("review_status") == earlier.decision:
+            raise RegistryError(f"v{version.version} is not awaiting review (review_status: {earlier.decision} "
+                                f"by {earlier.reviewer})")
         _finish_review(mlflow_client, ledger, params, name, version, earlier)
         if earlier.reviewer == reviewer and earlier.decision == decision:
             return get_version(mlflow_client, name, version.version)

@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from unlearnops.ops import deletion, errors
 from unlearnops.config import load_params
 from unlearnops.ops.orchestration import bind_ephemeral_server, deploy, prefect_api, quiet_tracebacks
-from unlearnops.params_schema import validate_params
+from unlearnops.params_schema import load_checked_params
 
 
 @task(cache_policy=NO_CACHE)
@@ -63,9 +63,7 @@ def settle_requests(params_path: str, request_ids: list[str], result: dict) -> d
 
 def checked_params(params_path: str) -> dict:
     """params.yaml, validated: a bad value fails here, before any request is touched."""
-    params = load_params(params_path)
-    validate_params(params)
-    return params
+    return load_checked_params(params_path)
 
 
 @flow(name="deletion-requests")

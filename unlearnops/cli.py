@@ -42,11 +42,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 def load_checked(path: str) -> dict:
     """params.yaml, validated against the schema (one ConfigError naming every bad key)."""
-    from unlearnops.params_schema import validate_params
+    from unlearnops.params_schema import load_checked_params
 
-    params = load_params(path)
-    validate_params(params)
-    return params
+    return load_checked_params(path)
 
 
 def run_stage(stage: str, argv: list[str]) -> None:

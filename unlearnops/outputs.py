@@ -53,15 +53,19 @@ class RunOutputs:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"logits file not found: {path} (run the stage that makes it)")
-        with np.load(path, allow_pickle=False) as blob:
-            splits = [s for s in EVAL_SPLITS if s in blob]
-            return cls(
-                {s: blob[s] for s in splits},
-                {s: blob[f"{s}_labels"] for s in splits},
-                {s: blob[f"{s}_ids"] for s in splits},
-                blob["seconds_per_model"],
-                float(blob["wall_seconds"]),
-            )
+        try:
+            with np.load(path, allow_pickle=False) as blob:
+                splits = [s for s in EVAL_SPLITS if s in blob]
+                return cls(
+                    {s: blob[s] for s in splits},
+                    {s: blob[f"{s}_labels"] for s in splits},
+                    {s: blob[f"{s}_ids"] for s in splits},
+                    blob["seconds_per_model"],
+                    float(blob["wall_seconds"]),
+                )
+        except Exception as err:  # numpy raises many types for a corrupt or foreign file
+            first = (str(err).splitlines() or [""])[0]
+            raise CheckpointError(f"corrupt logits file {path}: {type(err).__name__}: {first}") from None
 
 
 def eval_parts(data: PreparedData, retain_max_samples: int | None, seed: int) -> dict:

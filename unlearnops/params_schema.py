@@ -323,6 +323,21 @@ def _check(model: type[BaseModel], values: Any, prefix: str = "") -> list[str]:
     return []
 
 
+def load_checked_params(path: str | Path = "params.yaml") -> dict:
+    """Read params.yaml (a missing, unreadable or malformed file is a ConfigError) and validate it."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    validate_params(params)
+    return params
+
+
 def validate_params(params: Any) -> None:
     """Raise one ConfigError listing every bad key of params.yaml (except `methods.*`)."""
     if not isinstance(params, dict):
@@ -335,7 +350,7 @@ def validate_params(params: Any) -> None:
             try:
                 merged = setting_params(copy.deepcopy(params), name)
             except ConfigError as err:
-                problems.append(str(err))
+                problems.append(f"settings.{name}: {err}")
                 continue
             for section, model in (("data", Data), ("forget", Forget), ("model", Model), ("train", Train)):
                 problems += _check(model, merged[section], f"settings.{name} -> {section}.")

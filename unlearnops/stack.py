@@ -95,7 +95,7 @@ class ModelStack:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for corrupt files
-            raise CheckpointError(f"corrupt checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+            raise CheckpointError(f"corrupt checkpoint {path}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}") from None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not an unlearnops model stack (expected format {FORMAT})")
         stack = cls(blob["spec"], blob["params"], blob["buffers"], list(blob["seeds"]))

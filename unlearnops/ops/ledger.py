@@ -705,6 +705,8 @@ def read_request_file(path: str | Path) -> list[tuple[list[int], list[int], str 
         text = path.read_text()
     except OSError as e:
         raise fail(e.strerror or str(e)) from e
+    except UnicodeDecodeError:
+        raise fail("not UTF-8 text") from None
     if path.suffix.lower() == ".json":
         return [_json_request(obj, i, fail) for i, obj in enumerate(_json_objects(text, fail))]
     if path.suffix.lower() != ".csv":

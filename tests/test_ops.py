@@ -1218,3 +1218,231 @@ def test_zz_bad_input_summary(capsys):
     with capsys.disabled():
         print(f"\nbad inputs: {total} cases, one-line errors {one_line}/{total}, stores unchanged {unchanged}/{total}")
     assert one_line == unchanged == total
+
+
+# ------------------------------------------------------------------ crashes at every step boundary
+
+STEPS = ["claim", "plan", "unlearn", "evaluate", "register", "settle"]
+LEGAL = {(None, "received"), (None, "rejected")} | {(a.value, b.value) for a, bs in __import__(
+    "unlearnops.ops.ledger", fromlist=["TRANSITIONS"]).TRANSITIONS.items() for b in bs}
+
+
+def check_consistent(ledger, client, name) -> None:
+    """Ledger and registry agree: no request held without a run, every event a legal transition,
+    no work registered twice, every unlearned request in the one pending candidate."""
+    versions = model_registry.versions(client, name)
+    keys = [v.tags.get("work_key") for v in versions if v.tags.get("work_key")]
+    assert len(keys) == len(set(keys)), "a work key registered twice"
+    candidate = model_registry.pending_candidate(client, name)
+    for request in ledger.list():
+        assert request.status is not Status.processing, request.id
+        assert all((e.from_status, e.to_status) in LEGAL for e in ledger.events(request.id))
+        if request.status is Status.unlearned:
+            assert candidate is not None and request.model_version == str(candidate.version)
+    assert ledger.lease() is None  # no run holds the lease after it ended
+
+
+def test_an_exception_at_every_step_boundary_settles_the_requests_and_the_rerun_finishes(ops, prefect_harness,
+                                                                                        monkeypatch):
+    name, client = ops["ops"]["model_name"], model_registry.client(ops)
+    ledger = deletion.open_ledger(ops)
+    users = train_users(len(STEPS))
+    for step, user in zip(STEPS, users):
+        request_id = ledger.submit(user_ids=[user], samples=deletion.samples_table()).id
+        real = getattr(deletion, step)
+
+        def crash(*args, _step=step, **kwargs):
+            raise RuntimeError(f"injected crash before {_step}")
+
+        monkeypatch.setattr(deletion, step, crash)
+        with pytest.raises(RuntimeError, match=f"before {step}"):
+            deletion_requests("params.yaml")
+        monkeypatch.setattr(deletion, step, real)
+        check_consistent(ledger, client, name)
+        expected = Status.received if step == "claim" else Status.failed  # nothing was claimed before claim
+        assert ledger.get(request_id).status is expected, step
+        if expected is Status.failed:
+            assert ledger.get(request_id).extra["error_class"] == "RuntimeError"
+            failed = [r.id for r in ledger.list(Status.failed)]
+            assert cli.main(["--params", "params.yaml", "request", "retry", *failed]) == 0
+        outcome = deletion_requests("params.yaml")
+        assert request_id in outcome["unlearned"] and outcome["failed"] == [], (step, outcome)
+        check_consistent(ledger, client, name)
+    assert {r.status for r in ledger.list()} == {Status.unlearned}
+
+
+KILL_RUNNER = r'''
+import os, signal, sys, pathlib
+sys.path.insert(0, {repo!r})
+from unlearnops.ops import deletion, model_registry
+from flows import deletion as flow
+point = sys.argv[1]
+
+def die():
+    me = os.getpid()
+    children = []
+    for task in pathlib.Path(f"/proc/{{me}}/task").iterdir():
+        children += (task / "children").read_text().split()
+    pathlib.Path("children.txt").write_text(" ".join(children))
+    os.kill(me, signal.SIGKILL)
+
+if point == "mid-register":
+    real_register = model_registry.register
+    model_registry.register = lambda *a, **k: die()
+else:
+    step = point.removeprefix("after-")
+    real = getattr(deletion, step)
+    def killer(*a, **k):
+        out = real(*a, **k)
+        die()
+    setattr(deletion, step, killer)
+sys.exit(flow.main(["run"]))
+'''
+
+KILL_POINTS = ["after-claim", "after-plan", "after-unlearn", "after-evaluate", "mid-register", "after-register",
+               "after-settle"]
+
+
+@pytest.mark.slow
+def test_kill_9_at_every_step_boundary_is_finished_by_the_next_run(ops, prefect_harness, tmp_path):
+    """kill -9 of a real `flows/deletion.py run` at every step boundary: the next run takes the
+    dead run's lease over, closes its MLflow run, and finishes without doing anything twice."""
+    from prefect.settings import PREFECT_API_URL
+
+    name, client = ops["ops"]["model_name"], model_registry.client(ops)
+    ledger = deletion.open_ledger(ops)
+    runner = tmp_path / "runner.py"
+    runner.write_text(KILL_RUNNER.format(repo=str(REPO)))
+    users = train_users(len(KILL_POINTS) + 1)
+    for i, point in enumerate(KILL_POINTS):
+        request_id = ledger.submit(user_ids=[users[i]], samples=deletion.samples_table()).id
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        # The first kill runs on Prefect's own temporary server: it must die with the run.
+        if i:
+            env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        else:
+            env.pop("PREFECT_API_URL", None)
+        done = subprocess.run([sys.executable, str(runner), point], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == -signal.SIGKILL, (point, done.stderr[-3000:])
+        if i == 0:
+            children = [int(p) for p in Path("children.txt").read_text().split()]
+            assert children, "the run started no server"
+            deadline = time.monotonic() + 20
+            while any(Path(f"/proc/{p}").exists() for p in children) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not any(Path(f"/proc/{p}").exists() for p in children), "the temporary server outlived its run"
+        assert ledger.lease() is not None  # the dead run's lease is left behind...
+        outcome = deletion_requests("params.yaml")  # ...and taken over: its holder is gone
+        assert outcome["failed"] == [], (point, outcome)
+        assert request_id in outcome["unlearned"] or point == "after-settle", (point, outcome)
+        check_consistent(ledger, client, name)
+        running = mlflow.search_runs(filter_string="attributes.status = 'RUNNING' and tags.`unlearnops.stage` = 'deletion'",
+                                     experiment_names=[ops["mlflow"]["experiment"]], output_format="list")
+        assert running == [], point
+    assert {r.status for r in ledger.list()} == {Status.unlearned}
+    failed_runs = mlflow.search_runs(filter_string="attributes.status = 'FAILED' and tags.`unlearnops.stage` = 'deletion'",
+                                     experiment_names=[ops["mlflow"]["experiment"]], output_format="list")
+    assert failed_runs  # mid-register left one RUNNING; the next run closed it
+
+
+# ------------------------------------------------------------------ concurrency
+
+
+def _together(n: int, work) -> list:
+    """Run work(i) in n threads released at once; returns each result or exception."""
+    barrier, results = threading.Barrier(n), [None] * n
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = work(i)
+        except Exception as err:  # noqa: BLE001 - the outcome is what the test checks
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_four_concurrent_submits_get_four_ids_from_the_database(ops):
+    users = train_users(4)
+    url = deletion.ledger_url(ops)
+    results = _together(4, lambda i: deletion.Ledger(url).submit(user_ids=[users[i]], samples=deletion.samples_table()).id)
+    assert all(isinstance(r, str) for r in results), results
+    assert sorted(results) == ["req-000001", "req-000002", "req-000003", "req-000004"]
+    ledger = deletion.open_ledger(ops)
+    assert [r.id for r in ledger.list()] == sorted(results)
+    assert all(history(ledger, r) == [(None, "received")] for r in results)
+
+
+def test_two_concurrent_runs_one_holds_the_lease_the_other_is_refused(ops, capsys):
+    request_id = deletion.open_ledger(ops).submit(user_ids=train_users(1), samples=deletion.samples_table()).id
+    inside = threading.Event()
+    release = threading.Event()
+
+    def run(i):
+        with deletion.holding_lease(ops):
+            inside.set()
+            release.wait(30)
+            return "held"
+
+    barrier_results = []
+    first = threading.Thread(target=lambda: barrier_results.append(run(0)))
+    first.start()
+    assert inside.wait(30)
+    try:
+        # A second run, as an operator would start it: refused cleanly, nothing touched.
+        ledger = deletion.open_ledger(ops)
+        before = snapshot(ledger)
+        code = deletion_flow.main(["run"])
+        err = capsys.readouterr().err
+        assert code == 3 and err.count("\n") == 1 and err.startswith("refused: another deletion run holds the lease")
+        assert snapshot(ledger) == before and ledger.get(request_id).status is Status.received
+    finally:
+        release.set()
+        first.join()
+    assert barrier_results == ["held"] and deletion.open_ledger(ops).lease() is None
+
+    # Two runs starting at the same instant: exactly one wins.
+    results = _together(2, lambda i: deletion.open_ledger(ops).acquire_lease(f"run-{i}", 60).holder)
+    winners = [r for r in results if isinstance(r, str)]
+    assert len(winners) == 1 and isinstance(next(r for r in results if not isinstance(r, str)), deletion.Refused)
+    ledger = deletion.open_ledger(ops)
+    ledger.release_lease(winners[0])
+    # A lease whose holder died (its pid is gone) or that expired is taken over.
+    ledger.acquire_lease(f"{__import__('socket').gethostname()}:999999999:dead", 600)
+    assert ledger.acquire_lease("next", 60).holder == "next"
+    ledger.release_lease("next")
+    ledger.acquire_lease("elsewhere:1:x", 0.001)
+    time.sleep(0.01)
+    assert ledger.acquire_lease("after-expiry", 60).holder == "after-expiry"
+    ledger.release_lease("after-expiry")
+
+
+def test_two_concurrent_approvals_have_one_winner_and_one_audit_trail(ops, prefect_harness):
+    name, client = ops["ops"]["model_name"], model_registry.client(ops)
+    request_id = deletion.open_ledger(ops).submit(user_ids=train_users(1), samples=deletion.samples_table()).id
+    assert deletion_requests("params.yaml")["version"] == "2"
+    reviewers = ["alice", "bob"]
+    results = _together(2, lambda i: model_registry.approve(model_registry.client(ops), deletion.open_ledger(ops), ops,
+                                                            "2", reviewers[i], "ok"))
+    wins = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
+    assert len(wins) == 1, results
+    loser = results[1 - wins[0]]
+    assert isinstance(loser, model_registry.RegistryError), loser
+    winner = reviewers[wins[0]]
+    ledger = deletion.open_ledger(ops)
+    review = ledger.review(name, "2")
+    version = model_registry.get_version(client, name, 2)
+    assert review.reviewer == winner == version.tags["reviewed_by"] and version.tags["review_status"] == "approved"
+    assert ledger.get(request_id).status is Status.approved
+    approvals = [e for e in ledger.events(request_id) if e.to_status == "approved"]
+    assert len(approvals) == 1 and approvals[0].actor == winner
+    assert model_registry.get_alias(client, name, model_registry.CHAMPION).version == 2
+    moves = [(a.alias, a.version, a.previous_version) for a in ledger.alias_history(name)]
+    assert moves == [("champion", "1", None), ("candidate", "2", None), ("champion", "2", "1"), ("candidate", None, "2")]
+    assert len(pd.read_csv(ops["data"]["deleted"])) == len(ledger.get(request_id).sample_ids)  # listed once

@@ -62,8 +62,13 @@ def settle_requests(params_path: str, request_ids: list[str], result: dict) -> d
 
 
 def checked_params(params_path: str) -> dict:
-    """params.yaml, validated: a bad value fails here, before any request is touched."""
-    return load_checked_params(params_path)
+    """params.yaml, validated: a bad value fails here, before any request is touched (also an
+    `ops.method` that names no registered method)."""
+    params = load_checked_params(params_path)
+    for key in ("method", "fallback_method"):
+        if params["ops"][key] != "auto":
+            deletion.methods.get_method(params["ops"][key], params)
+    return params
 
 
 @flow(name="deletion-requests")

@@ -1446,3 +1446,36 @@ def test_two_concurrent_approvals_have_one_winner_and_one_audit_trail(ops, prefe
     moves = [(a.alias, a.version, a.previous_version) for a in ledger.alias_history(name)]
     assert moves == [("champion", "1", None), ("candidate", "2", None), ("champion", "2", "1"), ("candidate", None, "2")]
     assert len(pd.read_csv(ops["data"]["deleted"])) == len(ledger.get(request_id).sample_ids)  # listed once
+
+
+def test_a_failing_run_settles_its_requests_and_reports_one_line(ops, prefect_harness, capfd):
+    """The champion's weights are unreadable: the run marks its request failed with the error's
+    class and exits with one line; a config error stops the run before Prefect, untouched."""
+    ledger = deletion.open_ledger(ops)
+    request_id = ledger.submit(user_ids=train_users(1), samples=deletion.samples_table()).id
+    ops_bad = copy.deepcopy(ops)
+    ops_bad["ops"]["method"] = "no_such_method"
+    write_params(ops_bad)
+    capfd.readouterr()
+    assert deletion_flow.main(["run"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "no_such_method" in err and "Traceback" not in err
+    assert ledger.get(request_id).status is Status.received and ledger.lease() is None
+    write_params(ops)
+
+    client = model_registry.client(ops)
+    champion = model_registry.get_version(client, ops["ops"]["model_name"], 1)
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    location = ModelsArtifactRepository.get_underlying_uri(champion.source)  # this test's champion only
+    stored = Path(location.removeprefix("file://")) / model_registry.STACK_PATH
+    assert stored.is_file(), (champion.source, location)
+    stored.write_bytes(b"garbage")
+    capfd.readouterr()
+    assert deletion_flow.main(["run"]) == 2
+    err = capfd.readouterr().err
+    errors_ = [line for line in err.splitlines() if line.startswith(("error:", "refused:", "internal error:"))]
+    assert len(errors_) == 1 and "corrupt checkpoint" in errors_[0] and "Traceback" not in err, err[-3000:]
+    request = ledger.get(request_id)
+    assert request.status is Status.failed and request.extra["error_class"] == "CheckpointError"
+    assert ledger.events(request_id)[-1].note.endswith("[CheckpointError]") and ledger.lease() is None

@@ -319,7 +319,8 @@ class Ledger:
         columns = {c["name"] for c in inspect(self.engine).get_columns("deletion_requests")}
         with self.engine.begin() as conn:
             if "due_at" not in columns:
-                conn.execute(text("ALTER TABLE deletion_requests ADD COLUMN due_at DATETIME"))
+                kind = DateTime().compile(dialect=self.engine.dialect)  # DATETIME, TIMESTAMP, ...
+                conn.execute(text(f"ALTER TABLE deletion_requests ADD COLUMN due_at {kind}"))
             rows = conn.execute(select(DeletionRequest.id, DeletionRequest.received_at)
                                 .where(DeletionRequest.due_at.is_(None))).all()
             for request_id, received in rows:

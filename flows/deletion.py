@@ -19,6 +19,7 @@ kill -9). Every error is one line on stderr; exit codes: unlearnops/ops/errors.p
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from datetime import timedelta
 
@@ -95,7 +96,10 @@ def deletion_requests(params_path: str = "params.yaml") -> dict:
         except BaseException as err:
             # ANY failure settles the requests this run holds (one transaction, with the
             # error's class); only a kill -9 leaves them processing for the next run to resume.
-            deletion.fail(params, request_ids, errors.one_line(err), type(err).__name__)
+            try:
+                deletion.fail(params, request_ids, errors.one_line(err), type(err).__name__)
+            except Exception as settle_err:  # the ledger itself is down: say so, keep the cause
+                logger.error(f"could not settle the run's requests: {errors.one_line(settle_err)}")
             raise
     if result["version"] is None:
         logger.warning(f"gates failed, no version registered: {'; '.join(result['failed_gates'])}")
@@ -134,6 +138,10 @@ def deploy_to_pool(params_path: str) -> str:
                   **schedule(params))
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 the run's requests failed, 2 usage/params, 3 refused (another run
     holds the lease), 4 internal; errors are one line on stderr."""
@@ -149,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deployment {deploy_to_pool(args.params)}")
         else:
             bind_ephemeral_server()
+            # SIGTERM (a stopped container, a cancelled job) becomes an exception, so the run
+            # settles its requests and Prefect stops its server; kill -9 is left to the next run.
+            signal.signal(signal.SIGTERM, _terminated)
             with quiet_tracebacks():
                 outcome = deletion_requests(args.params)
             print(outcome)

@@ -1423,10 +1423,12 @@ def test_two_concurrent_runs_one_holds_the_lease_the_other_is_refused(ops, capsy
     ledger.release_lease("after-expiry")
 
 
-def test_two_concurrent_approvals_have_one_winner_and_one_audit_trail(ops, prefect_harness):
+def test_two_concurrent_approvals_have_one_winner_and_one_audit_trail(ops, prefect_harness, capsys):
     name, client = ops["ops"]["model_name"], model_registry.client(ops)
     request_id = deletion.open_ledger(ops).submit(user_ids=train_users(1), samples=deletion.samples_table()).id
     assert deletion_requests("params.yaml")["version"] == "2"
+    code, out = run_cli(capsys, "review", "list")
+    assert code == 0 and "first due" in out and "d 23h left" in out
     reviewers = ["alice", "bob"]
     results = _together(2, lambda i: model_registry.approve(model_registry.client(ops), deletion.open_ledger(ops), ops,
                                                             "2", reviewers[i], "ok"))
@@ -1479,3 +1481,18 @@ def test_a_failing_run_settles_its_requests_and_reports_one_line(ops, prefect_ha
     request = ledger.get(request_id)
     assert request.status is Status.failed and request.extra["error_class"] == "CheckpointError"
     assert ledger.events(request_id)[-1].note.endswith("[CheckpointError]") and ledger.lease() is None
+
+
+def test_request_list_shows_time_left_and_overdue_requests(ops, capsys):
+    from datetime import datetime, timedelta, timezone
+
+    ledger = deletion.open_ledger(ops)
+    users = train_users(2)
+    late = ledger.submit(user_ids=[users[0]], samples=deletion.samples_table(),
+                         received_at=datetime.now(timezone.utc) - timedelta(days=40)).id
+    fresh = ledger.submit(user_ids=[users[1]], samples=deletion.samples_table()).id
+    code, out = run_cli(capsys, "request", "list")
+    assert code == 0 and "OVERDUE 10d" in out and "29d 23h left" in out
+    code, out = run_cli(capsys, "request", "list", "--overdue")
+    assert code == 0 and late in out and fresh not in out
+    assert ledger.get(fresh).due_at - ledger.get(fresh).received_at == timedelta(days=ops["ops"]["deadline_days"])

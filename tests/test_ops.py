@@ -35,7 +35,7 @@ from conftest import REPO, tiny
 from unlearnops import cli, layout, pipeline, tracking
 from unlearnops.ops import deletion, model_registry
 from unlearnops.data import load_prepared
-from unlearnops.ops.ledger import Status
+from unlearnops.ops.ledger import Refused, Status
 from unlearnops.stack import ModelStack
 
 LOOSE_GATES = {"max_forget_accuracy_gap": 1.0, "max_mia_auc_gap": 1.0, "max_test_accuracy_drop": 1.0,
@@ -701,9 +701,8 @@ def test_each_configure_uses_its_own_params_store_unless_the_user_set_one(tiny_p
 # line on stderr and no traceback, and that no store changed (bytes of the ledger, the MLflow
 # store, the data, the deletion list and the work folders, compared before and after).
 
-from flows import deletion as deletion_flow  # noqa: E402
-from unlearnops.outputs import RunOutputs  # noqa: E402
-from unlearnops.stack import CheckpointError  # noqa: E402
+from flows import deletion as deletion_flow
+from unlearnops.outputs import RunOutputs
 
 BAD_INPUT_RESULTS: list[tuple[str, int, bool, bool]] = []  # (case, exit code, one line, unchanged)
 
@@ -1410,7 +1409,7 @@ def test_two_concurrent_runs_one_holds_the_lease_the_other_is_refused(ops, capsy
     # Two runs starting at the same instant: exactly one wins.
     results = _together(2, lambda i: deletion.open_ledger(ops).acquire_lease(f"run-{i}", 60).holder)
     winners = [r for r in results if isinstance(r, str)]
-    assert len(winners) == 1 and isinstance(next(r for r in results if not isinstance(r, str)), deletion.Refused)
+    assert len(winners) == 1 and isinstance(next(r for r in results if not isinstance(r, str)), Refused)
     ledger = deletion.open_ledger(ops)
     ledger.release_lease(winners[0])
     # A lease whose holder died (its pid is gone) or that expired is taken over.

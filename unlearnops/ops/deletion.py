@@ -49,7 +49,7 @@ from unlearnops.ops import model_registry
 from unlearnops.config import ConfigError, build_dataclass
 from unlearnops.data import Part, load_prepared, read_deleted_ids
 from unlearnops.ops.export import ExportError
-from unlearnops.ops.ledger import DEFAULT_DEADLINE_DAYS, Ledger, Refused, Status, lease_holder
+from unlearnops.ops.ledger import DEFAULT_DEADLINE_DAYS, Ledger, Status, lease_holder
 from unlearnops.methods import UnlearnData
 from unlearnops.metrics.mia import loss_mia
 from unlearnops.outputs import eval_parts

@@ -5,6 +5,7 @@ training engine run them as one computation (torch.func.vmap) and keeps outputs 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,9 @@ class ModelStack:
         if not path.is_file():
             raise CheckpointError(f"checkpoint not found: {path}")
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a foreign file's warnings would add lines to the one error
+                warnings.simplefilter("ignore")
+                blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for corrupt files
             raise CheckpointError(f"corrupt checkpoint {path}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}") from None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:

@@ -454,7 +454,7 @@ def test_cmd_submit_prints_the_request(ledger, samples_csv, capsys):
 
 def test_cmd_submit_rejected_prints_reason_and_fails(ledger, capsys):
     assert cmd_submit(ledger, SAMPLES, ["7x"], [999], None) == 1
-    assert "req-000001 rejected: non-integer user ids: ['7x']" in capsys.readouterr().out
+    assert "req-000001 rejected: non-integer user ids: ['7x']" in capsys.readouterr().err
     assert ledger.get("req-000001").status is Status.rejected
 
 
@@ -462,7 +462,7 @@ def test_cmd_submit_malformed_file_fails_and_stores_nothing(ledger, tmp_path, ca
     path = tmp_path / "r.json"
     path.write_text("{")
     assert cmd_submit(ledger, SAMPLES, None, None, path) == 2
-    assert f"malformed request file {path}" in capsys.readouterr().out
+    assert f"malformed request file {path}" in capsys.readouterr().err
     assert cmd_submit(ledger, SAMPLES, [1], None, path) == 2  # file and ids together
     assert ledger.list() == []
 
@@ -489,6 +489,81 @@ def test_cmd_list_and_show(ledger, capsys):
     out = capsys.readouterr().out
     assert "processing" in out and "pipeline" in out and "run 42" in out and "[10, 12]" in out
     assert cmd_show(ledger, "req-000404") == 2
-    assert "no deletion request 'req-000404'" in capsys.readouterr().out
+    assert "no deletion request 'req-000404'" in capsys.readouterr().err
     assert cmd_list(ledger, "bogus") == 2
-    assert "unknown status 'bogus'" in capsys.readouterr().out
+    assert "unknown status 'bogus'" in capsys.readouterr().err
+
+
+# --- schema migration, deadlines, all-or-nothing transitions -------------------------------
+
+OLD_SCHEMA = """
+CREATE TABLE deletion_requests (id VARCHAR(32) NOT NULL PRIMARY KEY, status VARCHAR(16) NOT NULL,
+  received_at DATETIME NOT NULL, user_ids JSON NOT NULL, requested_sample_ids JSON NOT NULL,
+  sample_ids JSON NOT NULL, sample_user_ids JSON NOT NULL, reason VARCHAR, rejection_reason VARCHAR,
+  model_version VARCHAR(64), extra JSON NOT NULL, created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL);
+CREATE TABLE request_events (id INTEGER NOT NULL PRIMARY KEY, request_id VARCHAR(32) NOT NULL
+  REFERENCES deletion_requests (id), from_status VARCHAR(16), to_status VARCHAR(16) NOT NULL,
+  at DATETIME NOT NULL, actor VARCHAR, note VARCHAR);
+INSERT INTO deletion_requests VALUES ('req-000001', 'received', '2025-01-01 00:00:00.000000', '[1]', '[]',
+  '[10, 12]', '[1, 1]', 'gdpr', NULL, NULL, '{}', '2025-01-01 00:00:00.000000', '2025-01-01 00:00:00.000000');
+INSERT INTO deletion_requests VALUES ('req-000002', 'failed', '2025-01-02 00:00:00.000000', '[2]', '[]',
+  '[13]', '[2]', NULL, NULL, NULL, '{}', '2025-01-02 00:00:00.000000', '2025-01-02 00:00:00.000000');
+INSERT INTO request_events VALUES (1, 'req-000001', NULL, 'received', '2025-01-01 00:00:00.000000', 'a', NULL);
+INSERT INTO request_events VALUES (2, 'req-000002', NULL, 'received', '2025-01-02 00:00:00.000000', 'a', NULL);
+"""
+
+
+def test_a_ledger_from_before_due_dates_opens_migrated_and_keeps_everything(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(OLD_SCHEMA)
+    ledger = Ledger(f"sqlite:///{path}", deadline_days=30)
+    first, second = ledger.get("req-000001"), ledger.get("req-000002")
+    assert first.sample_ids == [10, 12] and first.reason == "gdpr" and second.status is Status.failed
+    assert first.due_at == T0 + timedelta(days=30)
+    assert [e.to_status for e in ledger.events("req-000001")] == ["received"]
+    assert ledger.submit(user_ids=[4], samples=SAMPLES).id == "req-000003"  # the sequence continues
+    assert [r.id for r in ledger.list(overdue=True)] == ["req-000001", "req-000002"]
+    Ledger(f"sqlite:///{path}")  # opening again changes nothing
+    assert ledger.get("req-000001").due_at == T0 + timedelta(days=30)
+
+
+def test_due_dates_and_overdue(ledger):
+    late = ledger.submit(user_ids=[1], samples=SAMPLES, received_at=datetime.now(timezone.utc) - timedelta(days=31))
+    fresh = ledger.submit(user_ids=[2], samples=SAMPLES)
+    assert late.due_at == late.received_at + timedelta(days=30)
+    assert [r.id for r in ledger.list(overdue=True)] == [late.id]
+    assert [r.id for r in ledger.pending()] == [late.id, fresh.id]  # oldest first
+    approve(ledger, late.id)
+    assert ledger.list(overdue=True) == []  # deleted in time or not, it is no longer open
+
+
+def test_transition_many_changes_all_or_none(ledger):
+    a = ledger.submit(user_ids=[1], samples=SAMPLES).id
+    b = ledger.submit(user_ids=[2], samples=SAMPLES).id
+    before = snapshot(ledger)
+    for ids, message in [([a, a], "more than once"), ([a, "req-000404"], "no deletion request"),
+                         ([a, b], "illegal transition")]:
+        if message == "illegal transition":
+            ledger.transition(b, "processing")
+            before = snapshot(ledger)
+        with pytest.raises(LedgerError, match=message):
+            ledger.transition_many(ids, "processing")
+        assert snapshot(ledger) == before
+
+
+def test_decide_is_compare_and_set(ledger):
+    a = ledger.submit(user_ids=[1], samples=SAMPLES).id
+    for status in ("processing", "unlearned"):
+        ledger.transition(a, status, model_version="2" if status == "unlearned" else None)
+    with pytest.raises(LedgerError, match="reviewer name is required"):
+        ledger.decide("m", "2", "approved", "  ", None, [a], [(Status.approved, "ok")])
+    with pytest.raises(LedgerError, match="not unlearned into v3"):
+        ledger.decide("m", "3", "approved", "alice", None, [a], [(Status.approved, "ok")])
+    assert ledger.review("m", "3") is None  # the refused decision left no trace
+    ledger.decide("m", "2", "approved", "alice", None, [a], [(Status.approved, "ok")])
+    with pytest.raises(LedgerError, match="already approved by alice"):
+        ledger.decide("m", "2", "rejected", "bob", "no", [a], [(Status.rejected, "no")])
+    assert ledger.get(a).status is Status.approved

@@ -3,6 +3,10 @@
 Commands that do not train answer in about a second: this module imports only the standard library
 and yaml, and each command imports what it uses (the ledger commands never load torch, MLflow or
 scikit-learn; `review list` loads MLflow, not torch or ONNX). tests/test_cli_startup.py keeps it so.
+
+Exit codes (unlearnops/ops/errors.py): 0 ok; 1 done with a negative outcome (a submitted request
+was rejected); 2 usage (bad arguments, params.yaml, input files); 3 refused (the ledger's or the
+registry's state does not allow it); 4 internal error. Every error is one line on stderr.
 """
 from __future__ import annotations
 
@@ -12,15 +16,16 @@ import subprocess
 import sys
 
 from unlearnops.config import ConfigError, load_params
+from unlearnops.ops.errors import OneLineParser
 
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
 LEDGER_ENV = "UNLEARNOPS_LEDGER_URL"  # as unlearnops.ops.deletion.LEDGER_ENV (tests/test_cli_startup.py checks they agree)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """USER_ERRORS, and a corrupt or missing checkpoint if the module that raises it was loaded (it imports torch)."""
-    stack = sys.modules.get("unlearnops.stack")
-    return USER_ERRORS + ((stack.CheckpointError,) if stack is not None else ())
+def load_checked(path: str) -> dict:
+    """params.yaml, validated against the schema (one ConfigError naming every bad key)."""
+    from unlearnops.params_schema import load_checked_params
+
+    return load_checked_params(path)
 
 
 def cmd_repro(args) -> int:
@@ -98,13 +103,13 @@ def _samples_table(params: dict):
 def cmd_request(args) -> int:
     from unlearnops.ops import ledger_cli
 
-    params = load_params(args.params)
+    params = load_checked(args.params)
     ledger = _open_ledger(params)
     if args.action == "submit":
         return ledger_cli.cmd_submit(ledger, _samples_table(params), _ids(args.user_ids), _ids(args.sample_ids),
                                      args.file, reason=args.reason, actor=args.actor, deleted=params["data"]["deleted"])
     if args.action == "list":
-        return ledger_cli.cmd_list(ledger, args.status)
+        return ledger_cli.cmd_list(ledger, args.status, args.overdue)
     if args.action == "show":
         return ledger_cli.cmd_show(ledger, args.request_id)
     return ledger_cli.cmd_retry(ledger, args.request_ids, actor=args.actor)
@@ -113,11 +118,11 @@ def cmd_request(args) -> int:
 def cmd_review(args) -> int:
     from unlearnops.ops import model_registry, review_cli
 
-    params = load_params(args.params)
+    params = load_checked(args.params)
     mlflow_client = model_registry.client(params)
-    if args.action == "list":
-        return review_cli.cmd_list(mlflow_client, params, args.all)
     ledger = _open_ledger(params)
+    if args.action == "list":
+        return review_cli.cmd_list(mlflow_client, params, args.all, ledger)
     if args.action == "approve":
         return review_cli.cmd_approve(mlflow_client, ledger, params, args.version, args.reviewer, args.reason)
     return review_cli.cmd_reject(mlflow_client, ledger, params, args.version, args.reviewer, args.reason,
@@ -135,8 +140,10 @@ def _add_request_commands(sub) -> None:
     submit.add_argument("--actor", help="who submits it (recorded in the audit trail)")
     listing = actions.add_parser("list", help="list requests")
     listing.add_argument("--status", help="only requests with this status")
+    listing.add_argument("--overdue", action="store_true",
+                         help="only open requests (not yet deleted or rejected) past their due date")
     actions.add_parser("show", help="one request and its history").add_argument("request_id")
-    retry = actions.add_parser("retry", help="queue failed requests for the next deletion run")
+    retry = actions.add_parser("retry", help="queue failed requests for the next deletion run (all ids or none)")
     retry.add_argument("request_ids", nargs="+", metavar="ID")
     retry.add_argument("--actor", help="who asks for the retry")
     request.set_defaults(func=cmd_request)
@@ -161,7 +168,11 @@ def _add_review_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unlearnops", description="Machine unlearning benchmark and operations.")
+    parser = OneLineParser(
+        prog="unlearnops", description="Machine unlearning benchmark and operations.",
+        epilog="exit codes: 0 ok; 1 done, negative outcome (a request rejected); 2 usage (arguments, params.yaml, "
+               "input files); 3 refused (ledger/registry state, e.g. already decided); 4 internal error. "
+               "Errors are one line on stderr.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -184,14 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from unlearnops.ops import errors
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except Exception as err:
-        if not isinstance(err, _user_errors()):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # every error: one line on stderr, its exit code
+        return errors.report(err)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import pandas as pd
 import torch
 
 from unlearnops.config import ConfigError, choose
+from unlearnops.files import torch_save, write_csv
 
 SPLITS = ("train", "val", "test")
 FORGET_MODES = ("random", "users", "class")
@@ -101,35 +103,79 @@ def load_cifar10_source(cfg: dict) -> Source:
     )
 
 
-def load_image_folder_source(cfg: dict) -> Source:
-    """Images listed in a CSV of path,label,user_id (paths relative to the CSV's folder)."""
-    from PIL import Image
+_ID = re.compile(r"[0-9]+", re.ASCII)
 
-    csv_path = Path(cfg["root"]) / cfg["csv"]
+
+def _row_int(cell: object, column: str, row: int, where: Path, minimum: int = 0) -> int:
+    """The integer in a CSV cell (ASCII digits), or a ConfigError naming the row."""
+    text = str(cell).strip()
+    if not _ID.fullmatch(text) or int(text) < minimum:
+        what = "empty" if text == "" else f"{text!r} is not an integer >= {minimum}"
+        raise ConfigError(f"image_folder: {where} line {row}: {column} {what}")
+    return int(text)
+
+
+def confined(root: Path, rel: str, where: str) -> Path:
+    """`rel` resolved inside `root`: no absolute path, no `..`, no symlink leading out."""
+    text = str(rel).strip()
+    if text == "" or text.lower() == "nan":
+        raise ConfigError(f"{where}: empty path")
+    candidate = Path(text)
+    if candidate.is_absolute() or ".." in candidate.parts:
+        raise ConfigError(f"{where}: path {text!r} must be relative to {root} without '..'")
+    base = root.resolve()
+    resolved = (base / candidate).resolve()
+    if not resolved.is_relative_to(base):
+        raise ConfigError(f"{where}: path {text!r} leads outside {root} (symlink to {resolved})")
+    return resolved
+
+
+def load_image_folder_source(cfg: dict) -> Source:
+    """Images listed in a CSV of path,label,user_id (paths relative to the CSV's folder, which
+    they may not leave: no absolute paths, no `..`, no symlinks out of data.root)."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(cfg["root"])
+    csv_path = confined(root, cfg["csv"], "image_folder: data.csv") if root.is_dir() else root / cfg["csv"]
     if not csv_path.is_file():
         raise ConfigError(f"image_folder: CSV not found at {csv_path} (set data.root and data.csv)")
-    table = pd.read_csv(csv_path)
+    try:
+        # Strings, so an empty or non-integer cell is reported rather than coerced.
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ConfigError(f"image_folder: {csv_path} cannot be read: {' '.join(str(err).split())}") from None
     needed = {"path", "label", "user_id"}
     if not needed <= set(table.columns):
         raise ConfigError(f"image_folder: {csv_path} needs columns {sorted(needed)}, has {list(table.columns)}")
     if table.empty:
         raise ConfigError(f"image_folder: {csv_path} lists no images")
     size = int(cfg["image_size"])
-    images = []
-    for rel in table["path"]:
-        path = csv_path.parent / rel
+    images, labels, users = [], [], []
+    for row, (rel, label, user) in enumerate(zip(table["path"], table["label"], table["user_id"]), start=2):
+        where = f"image_folder: {csv_path} line {row}"
+        labels.append(_row_int(label, "label", row, csv_path))
+        users.append(_row_int(user, "user_id", row, csv_path))
+        path = confined(csv_path.parent, rel, where)
+        if not path.is_relative_to(root.resolve()):
+            raise ConfigError(f"{where}: path {rel!r} leads outside data.root {root}")
         if not path.is_file():
-            raise ConfigError(f"image_folder: image listed in {csv_path} not found: {path}")
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+            raise ConfigError(f"{where}: image listed in {csv_path} not found: {path}")
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise ConfigError(f"{where}: unreadable image {rel!r}: {type(err).__name__}") from None
         images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
-    labels = table["label"].to_numpy(dtype=np.int64, copy=True)
+    labels_array = np.asarray(labels, dtype=np.int64)
+    num_classes = int(cfg.get("num_classes") or labels_array.max() + 1)
+    if labels_array.max() >= num_classes:
+        raise ConfigError(f"image_folder: {csv_path}: label {labels_array.max()} >= data.num_classes {num_classes}")
     return Source(
         images=torch.stack(images),
-        labels=torch.from_numpy(labels),
+        labels=torch.from_numpy(labels_array),
         sample_ids=np.arange(len(table), dtype=np.int64),  # row number in the CSV
-        user_ids=table["user_id"].to_numpy(dtype=np.int64),
-        num_classes=int(cfg.get("num_classes") or labels.max() + 1),
+        user_ids=np.asarray(users, dtype=np.int64),
+        num_classes=num_classes,
     )
 
 
@@ -163,12 +209,22 @@ def load_source(cfg: dict) -> Source:
 def read_deleted_ids(path: str | Path) -> set[int]:
     """Sample ids in the deletion list (written when a deletion request is approved)."""
     path = Path(path)
-    if not path.is_file():
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"deletion list {path} (data.deleted) is not a file")
+    if not path.is_file() or path.stat().st_size == 0:
         return set()
-    table = pd.read_csv(path)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ConfigError(f"deletion list {path} cannot be read: {' '.join(str(err).split())}") from None
     if "sample_id" not in table.columns:
         raise ConfigError(f"deletion list {path} has no sample_id column")
-    return set(table["sample_id"].astype(np.int64).tolist())
+    ids = set()
+    for row, cell in enumerate(table["sample_id"], start=2):
+        if not _ID.fullmatch(cell.strip()):
+            raise ConfigError(f"deletion list {path} line {row}: sample_id {cell!r} is not an id (ASCII digits)")
+        ids.add(int(cell))
+    return ids
 
 
 def pseudo_user_ids(sample_ids: np.ndarray, samples_per_user: int, seed: int) -> np.ndarray:
@@ -263,16 +319,16 @@ def _split_table(data_cfg: dict) -> tuple[Source, np.ndarray, pd.DataFrame]:
 def _write(out_dir: Path, source: Source, keep: np.ndarray, table: pd.DataFrame) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     keep_t = torch.from_numpy(keep)
-    torch.save(
+    torch_save(
+        out_dir / "images.pt",
         {
             "images": source.images[keep_t].contiguous(),
             "labels": source.labels[keep_t].contiguous(),
             "sample_ids": torch.from_numpy(table["sample_id"].to_numpy(copy=True)),
             "num_classes": source.num_classes,
         },
-        out_dir / "images.pt",
     )
-    table.to_csv(out_dir / "samples.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+    write_csv(out_dir / "samples.csv", table, index=False, quoting=csv.QUOTE_MINIMAL)
     return _summary(table, source.num_classes) | {"n_deleted": int((~keep).sum())}
 
 
@@ -294,7 +350,7 @@ def choose_forget(params: dict, split_dir: str | Path, out_dir: str | Path) -> d
     num_classes = int(torch.load(split_dir / "images.pt", weights_only=True, mmap=True)["num_classes"])
     table["forget"] = select_forget(table, params["forget"], num_classes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / "samples.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+    write_csv(out_dir / "samples.csv", table, index=False, quoting=csv.QUOTE_MINIMAL)
     return _summary(table, num_classes)
 
 

@@ -7,7 +7,6 @@ Evaluation reads only these files and never retrains. Layout of one run folder:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from unlearnops.data import PreparedData
+from unlearnops.files import savez
 from unlearnops.stack import CheckpointError, ModelStack
 from unlearnops.training import Runtime, predict
 
@@ -46,24 +46,26 @@ class RunOutputs:
             arrays[split] = self.logits[split].astype(np.float32)
             arrays[f"{split}_labels"] = self.labels[split]
             arrays[f"{split}_ids"] = self.ids[split]
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        savez(path, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "RunOutputs":
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"logits file not found: {path} (run the stage that makes it)")
-        with np.load(path, allow_pickle=False) as blob:
-            splits = [s for s in EVAL_SPLITS if s in blob]
-            return cls(
-                {s: blob[s] for s in splits},
-                {s: blob[f"{s}_labels"] for s in splits},
-                {s: blob[f"{s}_ids"] for s in splits},
-                blob["seconds_per_model"],
-                float(blob["wall_seconds"]),
-            )
+        try:
+            with np.load(path, allow_pickle=False) as blob:
+                splits = [s for s in EVAL_SPLITS if s in blob]
+                return cls(
+                    {s: blob[s] for s in splits},
+                    {s: blob[f"{s}_labels"] for s in splits},
+                    {s: blob[f"{s}_ids"] for s in splits},
+                    blob["seconds_per_model"],
+                    float(blob["wall_seconds"]),
+                )
+        except Exception as err:  # numpy raises many types for a corrupt or foreign file
+            first = (str(err).splitlines() or [""])[0]
+            raise CheckpointError(f"corrupt logits file {path}: {type(err).__name__}: {first}") from None
 
 
 def eval_parts(data: PreparedData, retain_max_samples: int | None, seed: int) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 from unlearnops import data as data_lib
 from unlearnops import tracking
 from unlearnops.config import choose
-from unlearnops.files import write_json
+from unlearnops.files import savez, write_json
 from unlearnops.layout import (FLAT, MODELS, REPORTS, SPLIT, SUMMARY, Layout, dataset_layout, dataset_of, dataset_params,
                                ops_dataset, seeds, setting_layout, setting_params, settings)
 
@@ -219,8 +219,6 @@ def headline(result: dict, relearn: dict) -> dict:
 def evaluate(params: dict, method_name: str, setting: str | None = None, condense: str | None = None) -> dict:
     """The evidence for one unlearning run, against retrain's: accuracies, the competition score,
     membership inference (evaluation.evaluate_method) and the relearning attack, in one MLflow run."""
-    import numpy as np
-
     from unlearnops import evaluation, methods
     from unlearnops.outputs import RunOutputs
 
@@ -238,7 +236,7 @@ def evaluate(params: dict, method_name: str, setting: str | None = None, condens
         if condense is not None:  # the retain-set sizes before and after condensing
             result["condense"] = json.loads((where.unlearned / name / "condense.json").read_text())
         where.arrays.mkdir(parents=True, exist_ok=True)
-        np.savez(where.arrays / f"{name}.npz", **arrays)
+        savez(where.arrays / f"{name}.npz", **arrays)
         write_json(where.evidence / f"{name}.json", result)
         mlflow.log_metrics({k: v for k, v in tracking.flatten(result).items() if isinstance(v, (int, float))})
         relearn = _relearning_attack(p, where, name, where.unlearned / name / "models.pt", retrain_relearn, mlflow)

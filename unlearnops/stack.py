@@ -5,13 +5,14 @@ training engine run them as one computation (torch.func.vmap) and keeps outputs 
 """
 from __future__ import annotations
 
-import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from unlearnops.files import torch_save
 from unlearnops.nets import build_model
 
 FORMAT = "unlearnops.stack/1"
@@ -78,7 +79,6 @@ class ModelStack:
         """Write atomically: a crash mid-write never leaves a half checkpoint behind."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         blob = {
             "format": FORMAT,
             "spec": self.spec,
@@ -86,8 +86,7 @@ class ModelStack:
             "buffers": {k: v.detach().cpu().contiguous() for k, v in self.buffers.items()},
             "seeds": list(self.seeds),
         }
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        torch_save(path, blob)  # unique temp name, fsync, rename
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelStack":
@@ -95,9 +94,11 @@ class ModelStack:
         if not path.is_file():
             raise CheckpointError(f"checkpoint not found: {path}")
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a foreign file's warnings would add lines to the one error
+                warnings.simplefilter("ignore")
+                blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for corrupt files
-            raise CheckpointError(f"corrupt checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+            raise CheckpointError(f"corrupt checkpoint {path}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}") from None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not an unlearnops model stack (expected format {FORMAT})")
         stack = cls(blob["spec"], blob["params"], blob["buffers"], list(blob["seeds"]))

@@ -5,14 +5,11 @@ command of `unlearnops ...` reruns no stage (tests/test_dvc_deps.py checks dvc.y
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from unlearnops.config import ConfigError, load_params
-from unlearnops.stack import CheckpointError
-
-USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError)
+from unlearnops.ops import errors
+from unlearnops.params_schema import load_checked_params
 
 # stages/<name>.py -> the pipeline functions it runs, in one process: an unlearning run is
 # evaluated where it was made, saving a second process's start-up (torch, MLflow) per run.
@@ -30,13 +27,14 @@ STAGES = {
 
 
 def run_stage(stage: str, argv: list[str]) -> None:
-    """Entry point of stages/<stage>.py: a bad input gives one clear line and exit code 2.
+    """Entry point of stages/<stage>.py: any error is one line on stderr with its exit code
+    (unlearnops/ops/errors.py: 2 for a bad input).
 
     argv: the stage's positional arguments (a data set, setting or method name), `--setting NAME`
     and `--condense NAME` for unlearn and evaluate, `--grid` for report."""
     from unlearnops import pipeline  # not on import: `unlearnops --help` stays quick
 
-    parser = argparse.ArgumentParser(prog=f"stages/{stage}.py")
+    parser = errors.OneLineParser(prog=f"stages/{stage}.py")
     parser.add_argument("names", nargs="*")
     if stage in ("unlearn", "evaluate"):
         parser.add_argument("--setting", help="the setting of params.yaml `settings` (default: the flat layout)")
@@ -46,9 +44,8 @@ def run_stage(stage: str, argv: list[str]) -> None:
     options = {k: v for k, v in vars(parser.parse_args(argv)).items() if v}
     names = options.pop("names", [])
     try:
-        params = load_params(os.environ.get("UNLEARNOPS_PARAMS", "params.yaml"))
+        params = load_checked_params(os.environ.get("UNLEARNOPS_PARAMS", "params.yaml"))
         for function in STAGES[stage]:
             getattr(pipeline, function)(params, *names, **options)
-    except USER_ERRORS as err:
-        print(f"error: {stage}: {err}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as err:
+        sys.exit(errors.report(err, f"{stage}: "))

@@ -20,6 +20,14 @@ A deletion run is a chain of steps; the flow runs each as a Prefect task:
 Steps 3-5 skip work whose result exists (files in the work folder; a registry version tagged
 with the work key), so a run that crashed is finished by the next run without unlearning or
 registering twice. A run with nothing pending does nothing.
+
+One run at a time: a run holds the ledger's lease (`holding_lease`, renewed by a heartbeat
+thread, expiring `ops.lease_seconds` after the last beat, or at once when the holder's process
+on this host is gone); a second run is refused cleanly. Every failure of a run, expected or not,
+settles the requests it holds as `failed` with the reason and the error's class (`fail`), in one
+ledger transaction; only a run killed outright (kill -9, power loss) leaves them `processing`,
+and the next run, once the lease is free, resumes them and marks the dead run's MLflow run
+FAILED (`close_dead_runs`).
 """
 from __future__ import annotations
 
@@ -27,7 +35,9 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +49,7 @@ from unlearnops.ops import model_registry
 from unlearnops.config import ConfigError, build_dataclass
 from unlearnops.data import Part, load_prepared, read_deleted_ids
 from unlearnops.ops.export import ExportError
-from unlearnops.ops.ledger import Ledger, Status
+from unlearnops.ops.ledger import DEFAULT_DEADLINE_DAYS, Ledger, Status, lease_holder
 from unlearnops.methods import UnlearnData
 from unlearnops.metrics.mia import loss_mia
 from unlearnops.outputs import eval_parts
@@ -89,7 +99,53 @@ def ledger_url(params: dict) -> str:
 
 
 def open_ledger(params: dict) -> Ledger:
-    return Ledger(ledger_url(params))
+    return Ledger(ledger_url(params), int(params["ops"].get("deadline_days", DEFAULT_DEADLINE_DAYS)))
+
+
+DEFAULT_LEASE_SECONDS = 300
+
+
+@contextmanager
+def holding_lease(params: dict, holder: str | None = None):
+    """Hold the deletion run's lease for the block (Refused if another live run holds it);
+    a daemon thread renews it every third of `ops.lease_seconds`. Yields the holder name."""
+    ttl = float(params["ops"].get("lease_seconds", DEFAULT_LEASE_SECONDS))
+    ledger, holder = open_ledger(params), holder or lease_holder()
+    ledger.acquire_lease(holder, ttl)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(ttl / 3):
+            try:
+                if not ledger.heartbeat(holder, ttl):
+                    return
+            except Exception:  # a busy database: try again at the next beat
+                continue
+
+    thread = threading.Thread(target=beat, name="deletion-lease-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield holder
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        ledger.release_lease(holder)
+
+
+def close_dead_runs(params: dict) -> list[str]:
+    """Mark deletion runs that MLflow still shows RUNNING as FAILED: called while holding the
+    lease, so no live deletion run has one open. Returns their run ids."""
+    mlflow = tracking.configure(params)
+    experiment = mlflow.get_experiment_by_name(params["mlflow"]["experiment"])
+    if experiment is None:
+        return []
+    mlflow_client = model_registry.client(params)
+    runs = mlflow_client.search_runs([experiment.experiment_id],
+                                     "attributes.status = 'RUNNING' and tags.`unlearnops.stage` = 'deletion'")
+    for run in runs:
+        mlflow_client.set_tag(run.info.run_id, "unlearnops.note", "its deletion run died; closed by the next run")
+        mlflow_client.set_terminated(run.info.run_id, "FAILED")
+    return [run.info.run_id for run in runs]
 
 
 def production_data(params: dict | None = None) -> Path:
@@ -159,9 +215,10 @@ def claim(params: dict) -> list[str]:
     train_ids = set(table.loc[table["split"] == "train", "sample_id"].tolist())
     deleted = read_deleted_ids(params["data"]["deleted"])
     claimed = []
-    for request in pending:
-        if request.status is Status.received:
-            ledger.transition(request.id, Status.processing, actor=ACTOR, note="claimed by a deletion run")
+    received = [r.id for r in pending if r.status is Status.received]
+    if received:  # all at once: a crash leaves none half-claimed
+        ledger.transition_many(received, Status.processing, actor=ACTOR, note="claimed by a deletion run")
+    for request in pending:  # oldest received first
         missing = sorted(set(request.sample_ids) - train_ids)
         if missing:
             gone = [s for s in missing if s in deleted]
@@ -180,12 +237,12 @@ def claim(params: dict) -> list[str]:
     mlflow_client = model_registry.client(params)
     candidate = model_registry.pending_candidate(mlflow_client, model_registry.model_name(params))
     if candidate is not None:
-        for request in ledger.list(Status.unlearned):
-            if request.model_version == str(candidate.version):
-                ledger.transition(request.id, Status.processing, actor=ACTOR,
-                                  note=f"unlearned again together with new requests (candidate "
-                                       f"v{candidate.version} will be superseded)")
-                claimed.append(request.id)
+        again = [r.id for r in ledger.list(Status.unlearned) if r.model_version == str(candidate.version)]
+        if again:
+            ledger.transition_many(again, Status.processing, actor=ACTOR,
+                                   note=f"unlearned again together with new requests (candidate "
+                                        f"v{candidate.version} will be superseded)")
+            claimed += again
     return _ledger_order(claimed)
 
 
@@ -375,7 +432,7 @@ def evidence_markdown(work: dict, evidence: dict, verdicts: list[dict]) -> str:
     ])
 
 
-def _reuse(mlflow_client, name: str, version, work: dict) -> dict:
+def _reuse(mlflow_client, name: str, version, work: dict, ledger: Ledger | None = None) -> dict:
     """A version already registered for this exact work: make it the candidate again, unless a
     reviewer rejected it (running the same work again would give the same model)."""
     status = version.tags.get("review_status")
@@ -386,7 +443,8 @@ def _reuse(mlflow_client, name: str, version, work: dict) -> dict:
                             "before retrying")
     _mark_superseded(mlflow_client, name, model_registry.pending_candidate(mlflow_client, name), version.version)
     mlflow_client.set_model_version_tag(name, version.version, "review_status", model_registry.PENDING)
-    mlflow_client.set_registered_model_alias(name, model_registry.CANDIDATE, version.version)
+    model_registry.move_alias(mlflow_client, name, model_registry.CANDIDATE, version.version, ledger,
+                              ACTOR, note=f"v{version.version} registered for this exact work before")
     return {"version": str(version.version), "run_id": version.run_id, "method": work["method"], "failed_gates": []}
 
 
@@ -409,7 +467,7 @@ def register(params: dict, work_dir: str | Path) -> dict:
     name, mlflow_client = model_registry.model_name(params), model_registry.client(params)
     existing = model_registry.versions(mlflow_client, name, work_key=work["work_key"])
     if existing:  # the same work key means the same evidence, so its gates passed too
-        return _reuse(mlflow_client, name, existing[0], work)
+        return _reuse(mlflow_client, name, existing[0], work, open_ledger(params))
 
     mlflow = tracking.configure(params)
     tags = {"unlearnops.stage": "deletion", "work_key": work["work_key"], "gates": "failed" if failed else "passed"}
@@ -427,7 +485,8 @@ def register(params: dict, work_dir: str | Path) -> dict:
         info, parity = model_registry.log_model_files(mlflow, stack, parts["test"].x, params)
         previous = model_registry.pending_candidate(mlflow_client, name)
         version = model_registry.register(mlflow_client, name, info, run.info.run_id,
-                                    _version_tags(work, evidence, verdicts, parity), model_registry.CANDIDATE)
+                                    _version_tags(work, evidence, verdicts, parity), model_registry.CANDIDATE,
+                                    open_ledger(params), ACTOR)
         _mark_superseded(mlflow_client, name, previous, version.version)
     return {**result, "version": str(version.version)}
 
@@ -438,33 +497,26 @@ def register(params: dict, work_dir: str | Path) -> dict:
 def settle(params: dict, request_ids: list[str], result: dict) -> dict:
     """Record the run's outcome on its requests (only those still processing)."""
     if result["version"] is None:
-        return fail(params, request_ids, "gates failed: " + "; ".join(result["failed_gates"]))
+        return fail(params, request_ids, "gates failed: " + "; ".join(result["failed_gates"]), "GatesFailed")
     ledger = open_ledger(params)
-    done = []
-    for request_id in request_ids:
-        if ledger.get(request_id).status is Status.processing:
-            ledger.transition(request_id, Status.unlearned, actor=ACTOR, model_version=result["version"],
-                              note=f"unlearned into candidate v{result['version']} with {result['method']}",
-                              extra={"mlflow_run_id": result["run_id"]})
-            done.append(request_id)
+    done = [r for r in request_ids if ledger.get(r).status is Status.processing]
+    if done:  # one transaction: all of the run's requests, or none
+        ledger.transition_many(done, Status.unlearned, actor=ACTOR, model_version=result["version"],
+                               note=f"unlearned into candidate v{result['version']} with {result['method']}",
+                               extra={"mlflow_run_id": result["run_id"]})
     return {"version": result["version"], "unlearned": done, "failed": []}
 
 
-def fail(params: dict, request_ids: list[str], reason: str) -> dict:
-    """Mark the run's processing requests failed with `reason`; requests that a pending
-    candidate still covers go back to `unlearned` in it."""
+def fail(params: dict, request_ids: list[str] | None, reason: str, error_class: str = "DeletionError") -> dict:
+    """Settle every request the run holds (status processing: the lease makes them this run's)
+    in one transaction: `failed` with the reason and the error's class, or back to `unlearned`
+    where the pending candidate still covers them. `request_ids` is kept for the caller's
+    report; the ledger decides what is held, so requests claimed before a crash count too."""
     ledger = open_ledger(params)
-    candidate = model_registry.pending_candidate(model_registry.client(params), model_registry.model_name(params))
-    failed, kept = [], []
-    for request_id in request_ids:
-        request = ledger.get(request_id)
-        if request.status is not Status.processing:
-            continue
-        if candidate is not None and request.model_version == str(candidate.version):
-            ledger.transition(request_id, Status.unlearned, actor=ACTOR,
-                              note=f"this run failed ({reason}); still in candidate v{candidate.version}")
-            kept.append(request_id)
-        else:
-            ledger.transition(request_id, Status.failed, actor=ACTOR, note=reason)
-            failed.append(request_id)
-    return {"version": None, "unlearned": kept, "failed": failed, "reason": reason}
+    try:
+        candidate = model_registry.pending_candidate(model_registry.client(params), model_registry.model_name(params))
+    except Exception:  # the registry may be what failed: then no request stays with a candidate
+        candidate = None
+    failed, kept = ledger.fail_processing(reason, error_class, actor=ACTOR,
+                                          candidate_version=None if candidate is None else str(candidate.version))
+    return {"version": None, "unlearned": kept, "failed": failed, "reason": f"{reason} [{error_class}]"}

@@ -1,11 +1,14 @@
-"""`unlearnops request submit|list|show`: the ledger's command-line views (argparse lives elsewhere).
+"""`unlearnops request submit|list|show|retry`: the ledger's command-line views (argparse lives elsewhere).
 
-Each command returns its exit code: 0 on success, 1 when a submitted request was rejected,
-2 when the command itself could not run (malformed file, unknown request id, bad arguments).
+Each command returns its exit code (unlearnops/ops/errors.py): 0 on success, 1 when a submitted
+request was rejected, 2 when the command itself could not run (malformed file, unknown request
+id, bad arguments), 3 when the ledger's state refuses it (e.g. retrying a request that has not
+failed). Errors are one line on stderr; nothing was changed.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from unlearnops.ops.ledger import DeletionRequest, Ledger, LedgerError, Status
+from unlearnops.ops import errors
+from unlearnops.ops.ledger import OPEN, DeletionRequest, Ledger, LedgerError, Status, time_left
 
 
 def _requests_table(requests: Sequence[DeletionRequest], title: str) -> Table:
@@ -24,12 +28,16 @@ def _requests_table(requests: Sequence[DeletionRequest], title: str) -> Table:
     table.add_column("#users", justify="right", no_wrap=True)
     table.add_column("#samples", justify="right", no_wrap=True)
     table.add_column("received", no_wrap=True)
+    table.add_column("due", no_wrap=True)
+    table.add_column("time left", no_wrap=True)
     # A rejected request shows why it was rejected; any other the requester's reason.
     table.add_column("reason", min_width=20)
     table.add_column("model version", no_wrap=True)
     for r in requests:
         table.add_row(r.id, r.status, str(len(r.user_ids)), str(len(r.sample_ids)),
                       f"{r.received_at:%Y-%m-%d %H:%M}",
+                      "-" if r.due_at is None else f"{r.due_at:%Y-%m-%d}",
+                      time_left(r.due_at) if r.status in OPEN else "-",
                       escape((r.rejection_reason if r.status is Status.rejected else r.reason)
                              or ""),
                       escape(r.model_version or ""))
@@ -52,24 +60,22 @@ def cmd_submit(ledger: Ledger, samples: str | Path | pd.DataFrame,
             requests = [ledger.submit(user_ids, sample_ids, samples=samples, reason=reason,
                                       actor=actor, deleted=deleted)]
     except LedgerError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-        return 2
+        return errors.report(e)
     console.print(_requests_table(requests, "submitted deletion requests"))
     rejected = [r for r in requests if r.status is Status.rejected]
-    for r in rejected:
-        console.print(f"[red]{r.id} rejected:[/red] {escape(r.rejection_reason or '')}",
-                      highlight=False)
+    for r in rejected:  # one line each on stderr (the table above is on stdout)
+        print(f"{r.id} rejected: {errors.one_line(ValueError(r.rejection_reason or ''))}", file=sys.stderr)
     return 1 if rejected else 0
 
 
-def cmd_list(ledger: Ledger, status: str | None = None) -> int:
+def cmd_list(ledger: Ledger, status: str | None = None, overdue: bool = False) -> int:
     console = Console()
     try:
-        requests = ledger.list(status)
+        requests = ledger.list(status, overdue=overdue)
     except LedgerError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-        return 2
-    console.print(_requests_table(requests, f"deletion requests ({status or 'all'})"))
+        return errors.report(e)
+    title = f"deletion requests ({status or 'all'}{', overdue' if overdue else ''})"
+    console.print(_requests_table(requests, title))
     return 0
 
 
@@ -79,8 +85,7 @@ def cmd_show(ledger: Ledger, request_id: str) -> int:
         request = ledger.get(request_id)
         events = ledger.events(request_id)
     except LedgerError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-        return 2
+        return errors.report(e)
     console.print(_requests_table([request], f"deletion request {request.id}"))
     details = Table(show_header=False, box=None)
     for name, value in [
@@ -104,17 +109,15 @@ def cmd_show(ledger: Ledger, request_id: str) -> int:
 
 
 def cmd_retry(ledger: Ledger, request_ids: Sequence[str], actor: str | None = None) -> int:
-    """Queue failed requests for the next deletion run (failed -> processing)."""
+    """Queue failed requests for the next deletion run (failed -> received), all or none:
+    every id is checked (known, given once, failed) before any changes."""
     console = Console()
     try:
-        requests = [ledger.get(r) for r in request_ids]
-        not_failed = [f"{r.id} ({r.status})" for r in requests if r.status is not Status.failed]
-        if not_failed:
-            raise LedgerError(f"only failed requests can be retried: {', '.join(not_failed)}")
-        requests = [ledger.transition(r.id, Status.processing, actor=actor,
-                                      note="retry: queued for the next deletion run") for r in requests]
+        requests = ledger.transition_many(
+            list(request_ids), Status.received, actor=actor, note="retry: queued for the next deletion run",
+            expect=lambda r: None if r.status is Status.failed else
+            f"only failed requests can be retried (status {r.status})")
     except LedgerError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-        return 2
+        return errors.report(e)
     console.print(_requests_table(requests, "queued for the next deletion run"))
     return 0

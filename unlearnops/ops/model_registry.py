@@ -21,6 +21,7 @@ requests themselves instead (for a request that should never have been accepted)
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -28,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unlearnops import tracking
-from unlearnops.ops.ledger import Ledger, Status, apply_approved
+from unlearnops.config import ConfigError
+from unlearnops.ops.ledger import Ledger, Refused, Status, apply_approved
 
 if TYPE_CHECKING:  # torch and ONNX load in the functions that use them: `review list` needs neither
     import torch
@@ -46,7 +48,11 @@ PENDING, APPROVED, REJECTED, SUPERSEDED = "pending", "approved", "rejected", "su
 
 
 class RegistryError(ValueError):
-    """A review action that cannot be carried out (nothing was changed)."""
+    """A review action that the registry's state refuses (nothing was changed)."""
+
+
+class UnknownVersion(RegistryError):
+    """A version number that the registered model does not have (bad input)."""
 
 
 def client(params: dict):
@@ -57,8 +63,28 @@ def client(params: dict):
     return MlflowClient()
 
 
+# Registered model names this module accepts: no quote, backtick or backslash can reach a filter.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]{0,199}")
+
+
 def model_name(params: dict) -> str:
-    return str(params["ops"]["model_name"])
+    return check_name(str(params["ops"]["model_name"]))
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"ops.model_name {name!r} is not a safe registered model name "
+                            "(letters, digits, space, _ . -; at most 200)")
+    return name
+
+
+def quote(value: str) -> str:
+    """`value` as a quoted literal of an MLflow filter string. MLflow's filter grammar has no
+    escape for quotes, so a value that holds one is refused rather than spliced in."""
+    value = str(value)
+    if any(c in value for c in "'\"\\`") or any(ord(c) < 32 for c in value):
+        raise RegistryError(f"{value!r} cannot be used in a registry filter (quote, backslash or control character)")
+    return f"'{value}'"
 
 
 # ------------------------------------------------------------------ provenance
@@ -105,13 +131,16 @@ def get_version(mlflow_client, name: str, version: int | str):
     try:
         return mlflow_client.get_model_version(name, str(version))
     except MlflowException:
-        raise RegistryError(f"registered model '{name}' has no version {version!r}") from None
+        raise UnknownVersion(f"registered model '{name}' has no version {version!r}") from None
 
 
 def versions(mlflow_client, name: str, **tags: str) -> list:
     """Versions of `name` whose tags have these values, newest first."""
-    query = " and ".join([f"name='{name}'"] + [f"tags.`{k}`='{v}'" for k, v in tags.items()])
-    numbers = sorted((int(v.version) for v in mlflow_client.search_model_versions(query)), reverse=True)
+    # Only the name goes into the filter (quoted, checked); tags are compared here, so no tag
+    # value can change the query.
+    found = mlflow_client.search_model_versions(f"name={quote(check_name(name))}")
+    numbers = sorted((int(v.version) for v in found
+                      if all(v.tags.get(k) == str(value) for k, value in tags.items())), reverse=True)
     return [get_version(mlflow_client, name, n) for n in numbers]  # search results carry no aliases
 
 
@@ -151,7 +180,30 @@ def log_model_files(mlflow, stack: ModelStack, test_x: torch.Tensor, params: dic
     return info, result
 
 
-def register(mlflow_client, name: str, model_info, run_id: str, tags: dict, alias: str):
+def open_ledger(params: dict) -> Ledger:
+    from unlearnops.ops.deletion import open_ledger as open_
+
+    return open_(params)
+
+
+def move_alias(mlflow_client, name: str, alias: str, version: str | int | None, ledger: Ledger | None = None,
+               actor: str | None = None, note: str | None = None) -> None:
+    """Point `alias` at `version` (None: remove it) and append the move to the ledger."""
+    current = get_alias(mlflow_client, name, alias)
+    previous = None if current is None else str(current.version)
+    new = None if version is None else str(version)
+    if previous == new:
+        return
+    if ledger is not None:
+        ledger.record_alias(name, alias, new, previous, actor=actor, note=note)
+    if new is None:
+        mlflow_client.delete_registered_model_alias(name, alias)
+    else:
+        mlflow_client.set_registered_model_alias(name, alias, new)
+
+
+def register(mlflow_client, name: str, model_info, run_id: str, tags: dict, alias: str,
+             ledger: Ledger | None = None, actor: str | None = None):
     """A new version of `name` from a logged model, with tags, holding `alias`."""
     from mlflow.exceptions import MlflowException
 
@@ -163,7 +215,7 @@ def register(mlflow_client, name: str, model_info, run_id: str, tags: dict, alia
     version = mlflow_client.create_model_version(name, source=model_info.model_uri, run_id=run_id,
                                                  tags={k: str(v) for k, v in tags.items()},
                                                  model_id=model_info.model_id)
-    mlflow_client.set_registered_model_alias(name, alias, version.version)
+    move_alias(mlflow_client, name, alias, version.version, ledger, actor, note=f"registered v{version.version}")
     return get_version(mlflow_client, name, version.version)
 
 
@@ -180,7 +232,12 @@ def register_first_champion(mlflow, run, params: dict, stack: ModelStack, test_x
     tags = {"unlearnops.role": "target", "code_version": code_version(), "data_hash": data_hash(data_files),
             **{f"metric.target.{k}": f"{v:.4f}" for k, v in metrics.items()},
             **{f"onnx.{k}": f"{v:.6g}" for k, v in parity.items()}}
-    version = register(mlflow_client, name, info, run.info.run_id, tags, CHAMPION)
+    try:  # the alias history lives in the ledger; a benchmark without one still registers
+        ledger = open_ledger(params)
+    except Exception as err:  # noqa: BLE001
+        print(f"registry: no ledger to record the alias move in ({type(err).__name__}: {err})")
+        ledger = None
+    version = register(mlflow_client, name, info, run.info.run_id, tags, CHAMPION, ledger, "train_target")
     print(f"registry: registered the target as '{name}' v{version.version} (alias {CHAMPION})")
     return version
 
@@ -225,69 +282,87 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def approve(mlflow_client, ledger: Ledger, params: dict, number: int | str, reviewer: str, reason: str | None = None):
-    """Make candidate `number` the champion; its requests become `approved` and deleted.
+def _check_reviewer(reviewer: str | None) -> str:
+    if reviewer is None or not str(reviewer).strip():
+        raise ConfigError("a reviewer name is required (non-blank)")
+    return str(reviewer).strip()
 
-    Each step can be repeated, so an approval interrupted half-way is finished by running it
-    again: requests already approved, samples already listed and aliases already moved are
-    left as they are; the version is tagged `approved` last.
-    """
+
+def _finish_review(mlflow_client, ledger: Ledger, params: dict, name: str, version, review) -> object:
+    """MLflow's side of a decision the ledger recorded: aliases and tags, from the ledger's
+    record (so both always name the same reviewer). Every write can be repeated, so an
+    interrupted decision is finished by running the command again."""
+    number = str(version.version)
+    if review.decision == APPROVED:
+        apply_approved(ledger, params["data"]["deleted"], review.request_ids, review.at)
+        if get_alias(mlflow_client, name, CHAMPION) is None or \
+                str(get_alias(mlflow_client, name, CHAMPION).version) != number:
+            mlflow_client.set_registered_model_alias(name, CHAMPION, number)
+    candidate = get_alias(mlflow_client, name, CANDIDATE)
+    for key, value in {"reviewed_by": review.reviewer, "reviewed_at": review.at.isoformat(timespec="seconds"),
+                       "review_reason": review.reason or "", "review_status": review.decision}.items():
+        mlflow_client.set_model_version_tag(name, number, key, value)
+    if candidate is not None and str(candidate.version) == number:
+        mlflow_client.delete_registered_model_alias(name, CANDIDATE)
+    return get_version(mlflow_client, name, number)
+
+
+def _decide(mlflow_client, ledger: Ledger, params: dict, number, reviewer: str, reason: str | None,
+            decision: str, moves, approving: bool):
+    """Compare-and-set in the ledger first (the version must still be the pending candidate and
+    not yet decided), MLflow second; a decision already recorded is finished, not redone."""
+    reviewer = _check_reviewer(reviewer)
     name = model_name(params)
+    version = get_version(mlflow_client, name, number)
+    earlier = ledger.review(name, str(version.version))
+    if earlier is not None:  # decided: finish MLflow's side, then tell the caller
+        if version.tags.get("review_status") == earlier.decision:
+            raise RegistryError(f"v{version.version} is not awaiting review (review_status: {earlier.decision} "
+                                f"by {earlier.reviewer})")
+        _finish_review(mlflow_client, ledger, params, name, version, earlier)
+        if earlier.reviewer == reviewer and earlier.decision == decision:
+            return get_version(mlflow_client, name, version.version)
+        raise RegistryError(f"v{version.version} was already {earlier.decision} by {earlier.reviewer}")
     version = _reviewable(mlflow_client, name, number)
+    candidate = get_alias(mlflow_client, name, CANDIDATE)
+    if candidate is None or str(candidate.version) != str(version.version):
+        raise RegistryError(f"v{version.version} no longer holds the '{CANDIDATE}' alias")
     champion = get_alias(mlflow_client, name, CHAMPION)
-    resumed = champion is not None and champion.version == version.version
-    if not resumed:
-        if CANDIDATE not in version.aliases:
-            raise RegistryError(f"v{version.version} no longer holds the '{CANDIDATE}' alias")
+    if approving:
         base = version.tags.get("base_version")
         if champion is None or base != str(champion.version):
             raise RegistryError(f"v{version.version} was unlearned from v{base}, but the champion is now "
                                 f"v{champion.version if champion else 'none'}; it is out of date")
     request_ids = request_ids_of(version)
-    requests = [ledger.get(r) for r in request_ids]
-    not_ready = [f"{r.id} ({r.status}, model version {r.model_version})" for r in requests
-                 if r.model_version != str(version.version) or r.status not in (Status.unlearned, Status.approved)]
-    if not_ready:
-        raise RegistryError(f"v{version.version}: its requests are not all unlearned into it: {', '.join(not_ready)}")
-    now = _now()
-    note = f"approved v{version.version}" + (f": {reason}" if reason else "")
-    for r in requests:
-        if r.status is Status.unlearned:
-            ledger.transition(r.id, Status.approved, actor=reviewer, note=note)
-    apply_approved(ledger, params["data"]["deleted"], request_ids, now)
-    mlflow_client.set_registered_model_alias(name, CHAMPION, version.version)
-    for key, value in {"reviewed_by": reviewer, "reviewed_at": now.isoformat(timespec="seconds"),
-                       "review_reason": reason or "", "review_status": APPROVED}.items():
-        mlflow_client.set_model_version_tag(name, version.version, key, value)
-    if CANDIDATE in version.aliases:
-        mlflow_client.delete_registered_model_alias(name, CANDIDATE)
-    return get_version(mlflow_client, name, version.version)
+    aliases = [(CANDIDATE, None, str(version.version))]
+    if approving:
+        aliases.insert(0, (CHAMPION, str(version.version), None if champion is None else str(champion.version)))
+    try:
+        review = ledger.decide(name, str(version.version), decision, reviewer, reason, request_ids, moves, aliases)
+    except Refused as err:
+        raise RegistryError(str(err)) from None
+    return _finish_review(mlflow_client, ledger, params, name, version, review)
+
+
+def approve(mlflow_client, ledger: Ledger, params: dict, number: int | str, reviewer: str, reason: str | None = None):
+    """Make candidate `number` the champion; its requests become `approved` and deleted.
+
+    The ledger records the decision and the requests' approval in one transaction (refused if
+    another reviewer decided first); then the deletion list, the aliases and the version's tags
+    follow from that record. Running it again finishes an interrupted approval."""
+    note = f"approved v{number}" + (f": {reason}" if reason else "")
+    return _decide(mlflow_client, ledger, params, number, reviewer, reason, APPROVED,
+                   [(Status.approved, note)], approving=True)
 
 
 def reject(mlflow_client, ledger: Ledger, params: dict, number: int | str, reviewer: str, reason: str,
            reject_requests: bool = False):
     """Turn candidate `number` down; its requests go to `failed` (or `rejected`), with the reason."""
     if not reason or not reason.strip():
-        raise RegistryError("a rejection needs a reason")
-    name = model_name(params)
-    version = _reviewable(mlflow_client, name, number)
-    now = _now()
-    note = f"candidate v{version.version} rejected by {reviewer}: {reason}"
-    for request_id in request_ids_of(version):
-        request = ledger.get(request_id)
-        if request.status is not Status.unlearned or request.model_version != str(version.version):
-            continue  # already moved on (an earlier, interrupted rejection)
-        if reject_requests:
-            ledger.transition(request_id, Status.rejected, actor=reviewer, note=note)
-        else:
-            # unlearned -> failed is not a ledger transition; processing -> failed is.
-            ledger.transition(request_id, Status.processing, actor=reviewer, note=note)
-            ledger.transition(request_id, Status.failed, actor=reviewer,
-                              note=f"{note}; change ops.method or its hyperparameters, then "
-                                   "`unlearnops request retry`")
-    for key, value in {"reviewed_by": reviewer, "reviewed_at": now.isoformat(timespec="seconds"),
-                       "review_reason": reason, "review_status": REJECTED}.items():
-        mlflow_client.set_model_version_tag(name, version.version, key, value)
-    if CANDIDATE in version.aliases:
-        mlflow_client.delete_registered_model_alias(name, CANDIDATE)
-    return get_version(mlflow_client, name, version.version)
+        raise ConfigError("a rejection needs a reason (non-blank)")
+    note = f"candidate v{number} rejected by {reviewer}: {reason}"
+    moves = ([(Status.rejected, note)] if reject_requests else
+             # unlearned -> failed is not a ledger transition; processing -> failed is.
+             [(Status.processing, note),
+              (Status.failed, f"{note}; change ops.method or its hyperparameters, then `unlearnops request retry`")])
+    return _decide(mlflow_client, ledger, params, number, reviewer, reason, REJECTED, moves, approving=False)

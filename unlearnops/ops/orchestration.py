@@ -10,7 +10,10 @@ the server of PREFECT_API_URL; a worker of that pool runs it in the same checkou
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +23,72 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+
+
+def _die_with_parent() -> None:
+    """In a child process (preexec_fn): get SIGTERM when the parent dies, even by kill -9 (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def bind_ephemeral_server() -> None:
+    """Make the temporary server Prefect starts without PREFECT_API_URL die with this process.
+
+    Prefect stops it at exit (atexit), which a killed process never reaches; the server would
+    run on. Its Popen gets a preexec_fn that asks Linux to SIGTERM it when its parent dies."""
+    import subprocess as subprocess_module
+
+    from prefect.server.api import server as server_module
+
+    cls = server_module.SubprocessASGIServer
+    if getattr(cls, "_unlearnops_bound", False):
+        return
+    original = cls._run_uvicorn_command
+
+    def run_bound(self):
+        real_popen = subprocess_module.Popen
+
+        def popen(*args, **kwargs):
+            kwargs.setdefault("preexec_fn", _die_with_parent)
+            return real_popen(*args, **kwargs)
+
+        server_module.subprocess.Popen = popen
+        try:
+            return original(self)
+        finally:
+            server_module.subprocess.Popen = real_popen
+
+    cls._run_uvicorn_command = run_bound
+    cls._unlearnops_bound = True
+
+
+class _OneLine(logging.Filter):
+    """Log records without tracebacks, first line only: the CLI prints the error itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info or record.exc_text:
+            record.exc_info, record.exc_text = None, None
+            record.msg, record.args = str(record.getMessage()).splitlines()[0] if record.getMessage() else "", None
+        return True
+
+
+@contextmanager
+def quiet_tracebacks() -> Iterator[None]:
+    """While open, Prefect's log handlers print no tracebacks (the caller reports the error)."""
+    handlers = set(logging.getLogger().handlers)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("prefect"):
+            handlers |= set(logging.getLogger(name).handlers)
+    one_line = _OneLine()
+    for handler in handlers:
+        handler.addFilter(one_line)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(one_line)
 
 
 def _free_port() -> int:
@@ -40,7 +109,7 @@ def prefect_api(home: str | Path = ".prefect", startup_timeout_s: float = 180.0)
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(Path(home).resolve()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env)
+                               "--port", str(port)], env=env, preexec_fn=_die_with_parent)
     try:
         deadline = time.monotonic() + startup_timeout_s
         while True:

@@ -1,7 +1,8 @@
 """`unlearnops review list|approve|reject`: the registry review's command-line views.
 
-Each command returns its exit code: 0 on success, 2 when the action is refused (the reason is
-printed; nothing was changed).
+Each command returns its exit code (unlearnops/ops/errors.py): 0 on success, 2 for bad input
+(a blank reviewer or reason), 3 when the action is refused (not the pending candidate, decided
+already, by another reviewer too); the reason is one line on stderr and nothing was changed.
 """
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from unlearnops.ops import model_registry
-from unlearnops.ops.ledger import Ledger, LedgerError
+from unlearnops.ops import errors, model_registry
+from unlearnops.ops.ledger import Ledger, LedgerError, time_left
 
 MODELS = ("candidate", "champion", "retrain")
 METRICS = ("forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc", "mia_accuracy")
@@ -37,7 +38,21 @@ def _links(mlflow_client, params: dict, version) -> list[tuple[str, str]]:
     ]
 
 
-def cmd_list(mlflow_client, params: dict, include_decided: bool = False) -> int:
+def _deadline(ledger: Ledger | None, version) -> str:
+    """The earliest due date of the version's requests and the time left to it."""
+    if ledger is None:
+        return "?"
+    due = []
+    for request_id in model_registry.request_ids_of(version):
+        try:
+            due.append(ledger.get(request_id).due_at)
+        except LedgerError:
+            continue
+    due = [d for d in due if d is not None]
+    return f"{min(due):%Y-%m-%d %H:%M} UTC ({time_left(min(due))})" if due else "?"
+
+
+def cmd_list(mlflow_client, params: dict, include_decided: bool = False, ledger: Ledger | None = None) -> int:
     console = Console()
     name = model_registry.model_name(params)
     champion = model_registry.get_alias(mlflow_client, name, model_registry.CHAMPION)
@@ -56,6 +71,7 @@ def cmd_list(mlflow_client, params: dict, include_decided: bool = False) -> int:
         facts = Table(show_header=False, box=None)
         for label, value in [
             ("requests", f"{tags.get('request_ids', '').replace(',', ', ')} ({tags.get('n_forget_samples', '?')} samples)"),
+            ("first due", _deadline(ledger, version)),
             ("method", f"{tags.get('method')} ({tags.get('method_reason')}); "
                        f"{tags.get('unlearn_seconds', '?')} s to unlearn"),
             ("unlearned from", f"champion v{tags.get('base_version')}"),
@@ -74,8 +90,7 @@ def cmd_list(mlflow_client, params: dict, include_decided: bool = False) -> int:
 
 
 def _refused(err: Exception) -> int:
-    Console().print(f"[red]refused:[/red] {escape(str(err))}", highlight=False)
-    return 2
+    return errors.report(err)
 
 
 def cmd_approve(mlflow_client, ledger: Ledger, params: dict, version: str, reviewer: str, reason: str | None) -> int:

@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 
 from unlearnops import evaluation, ranking  # noqa: E402
 from unlearnops.report import relearn as report_relearn  # noqa: E402
-from unlearnops.files import write_json, write_text_atomic  # noqa: E402
+from unlearnops.files import write_atomic, write_csv, write_json, write_text_atomic  # noqa: E402
 from unlearnops.metrics import epsilon  # noqa: E402
 from unlearnops.outputs import RunOutputs  # noqa: E402
 from unlearnops.layout import Layout, run_names  # noqa: E402
@@ -434,7 +434,7 @@ def epsilon_data(res: SettingResults) -> pd.DataFrame:
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path
 
@@ -463,7 +463,7 @@ def write_html(path: Path, title: str, notes: list[str], tables: dict[str, pd.Da
 
 
 def _write(out_dir: Path, stem: str, frame: pd.DataFrame, markdown: str | None = None) -> list[Path]:
-    frame.to_csv(out_dir / f"{stem}.csv", index=False)
+    write_csv(out_dir / f"{stem}.csv", frame, index=False)
     write_text_atomic(out_dir / f"{stem}.md", markdown if markdown is not None else frame.to_markdown(index=False, floatfmt=".3f") + "\n")
     return [out_dir / f"{stem}.csv", out_dir / f"{stem}.md"]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from unlearnops.files import write_atomic, write_csv, write_text_atomic
 from unlearnops.layout import run_names
 
 
@@ -116,7 +117,7 @@ def relearn_plot(table: pd.DataFrame, path: Path) -> None:
     fig.suptitle("Relearning attack: fine-tune on folds S only; a robust run stays near retrain", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
 
 
@@ -126,7 +127,7 @@ def build(params: dict, metrics_dir: Path, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = out_dir / "relearn.csv", out_dir / "relearn.md", out_dir / "relearn.png"
-    table.to_csv(csv_path, index=False)
-    md_path.write_text(markdown(table))
+    write_csv(csv_path, table, index=False)
+    write_text_atomic(md_path, markdown(table))
     relearn_plot(table, png_path)
     return [csv_path, md_path, png_path]

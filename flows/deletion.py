@@ -101,10 +101,10 @@ def deletion_requests(params_path: str = "params.yaml") -> dict:
             except Exception as settle_err:  # the ledger itself is down: say so, keep the cause
                 logger.error(f"could not settle the run's requests: {errors.one_line(settle_err)}")
             raise
-    if result["version"] is None:
-        logger.warning(f"gates failed, no version registered: {'; '.join(result['failed_gates'])}")
-    else:
-        logger.info(f"registered candidate v{result['version']}; review it with `unlearnops review list`")
+    if result["version"] is None:  # loud: the flow run ends Failed with the reason (the requests say it too)
+        raise deletion.GatesFailed(f"gates failed, no version registered ({len(outcome['failed'])} requests failed; "
+                                   f"`unlearnops review list --failed`): {'; '.join(result['failed_gates'])}")
+    logger.info(f"registered candidate v{result['version']}; review it with `unlearnops review list`")
     return outcome
 
 

@@ -390,8 +390,8 @@ def test_failed_gates_register_nothing_and_fail_the_requests_until_retried(ops, 
     ledger = deletion.open_ledger(ops)
     request_id = ledger.submit(user_ids=train_users(1), samples=deletion.samples_table()).id
 
-    outcome = deletion_requests("params.yaml")
-    assert outcome["version"] is None and outcome["failed"] == [request_id]
+    state = deletion_requests("params.yaml", return_state=True)
+    assert state.is_failed() and "gates failed" in state.message and "test_accuracy" in state.message  # loud, with the reason
     client = model_registry.client(ops)
     assert numbers(model_registry.versions(client, name)) == ["1"]
     request = ledger.get(request_id)
@@ -402,6 +402,8 @@ def test_failed_gates_register_nothing_and_fail_the_requests_until_retried(ops, 
                               experiment_names=[ops["mlflow"]["experiment"]])
     assert any(run.data.params["n_requests"] == "1" for run in runs)  # the evidence is kept
     assert "no candidates awaiting review" in run_cli(capsys, "review", "list")[1]
+    failed = run_cli(capsys, "review", "list", "--failed")[1]
+    assert request_id in failed and "test_accuracy" in failed and "finetune" in failed
 
     # The operator fixes the params and queues the request again.
     code, out = run_cli(capsys, "request", "retry", request_id, "--actor", "dave")
@@ -481,7 +483,8 @@ def test_new_requests_supersede_the_pending_candidate_and_rejection_is_recorded(
 def test_choose_method_takes_the_best_final_score_else_the_fallback(ops, tmp_path):
     metrics = tmp_path / "m"
     metrics.mkdir()
-    assert deletion.choose_method(ops, metrics) == ("finetune", f"ops.fallback_method (no final_score in {metrics})")
+    method, why = deletion.choose_method(ops, metrics)
+    assert method == "finetune" and why.startswith(f"ops.fallback_method (no benchmarked method in {metrics}")
     (metrics / "finetune.json").write_text(json.dumps({"method": "finetune", "final_score": 0.31}))
     (metrics / "neggrad_plus.json").write_text(json.dumps(
         {"method": "neggrad_plus", "final_score": {"estimate": 0.42, "low": 0.3, "high": 0.5}}))
@@ -497,41 +500,67 @@ def test_choose_method_takes_the_best_final_score_else_the_fallback(ops, tmp_pat
         deletion.choose_method(ops, metrics)
 
 
-def metrics_row(forget, retain, test, auc):
-    return {"forget_accuracy": forget, "retain_accuracy": retain, "test_accuracy": test, "mia_auc": auc, "mia_accuracy": 0.5}
+def metrics_row(forget, retain, test, auc, n_forget=100):
+    return {"forget_accuracy": forget, "retain_accuracy": retain, "test_accuracy": test, "loss_auc": auc,
+            "mia_auc": auc, "mia_accuracy": 0.5, "n_forget": n_forget, "n_test": 360}
 
 
 GATES = deletion.Gates(retrain_reference=True, max_forget_accuracy_gap=0.05, max_mia_auc_gap=0.1,
-                       max_test_accuracy_drop=0.02, max_retain_accuracy_drop=0.02, mia_splits=5, mia_seed=0)
+                       max_test_accuracy_drop=0.02, max_retain_accuracy_drop=0.02, mia_splits=5, mia_seed=0, confidence=0.95)
 
 
-def verdicts(metrics) -> dict:
-    return {v["gate"]: (v["status"], round(v["value"], 6) if v["value"] is not None else None)
-            for v in deletion.judge(metrics, GATES)}
+def correct(n_right: int, n: int = 100) -> list[int]:
+    return [1] * n_right + [0] * (n - n_right)
+
+
+def verdicts(metrics, forget_correct) -> dict:
+    found = deletion.judge({"metrics": metrics, "forget_correct": forget_correct}, GATES)
+    for v in found:  # a bound never exceeds its gap
+        assert v["lower_bound"] is None or 0 <= v["lower_bound"] <= v["value"]
+    return {v["gate"]: (v["status"], round(v["value"], 6)) for v in found}
 
 
 def test_gates_compare_with_the_retrained_reference_where_there_is_one():
-    champion = metrics_row(1.0, 0.99, 0.95, 0.70)
-    retrain = metrics_row(0.90, 0.97, 0.94, 0.52)
-    good = verdicts({"candidate": metrics_row(0.92, 0.96, 0.93, 0.55), "champion": champion, "retrain": retrain})
-    assert good == {"forget_accuracy": ("pass", 0.02), "mia": ("pass", 0.03),
+    champion, retrain = metrics_row(1.0, 0.99, 0.95, 0.70), metrics_row(0.90, 0.97, 0.94, 0.52)
+    same = {"champion": correct(100), "retrain": correct(90)}
+    good = verdicts({"candidate": metrics_row(0.90, 0.96, 0.93, 0.55), "champion": champion, "retrain": retrain},
+                    same | {"candidate": correct(90)})
+    assert good == {"forget_accuracy": ("pass", 0.0), "mia": ("pass", 0.03),
                     # utility is measured from the lower of champion and retrained
                     "test_accuracy": ("pass", 0.01), "retain_accuracy": ("pass", 0.01)}
-    bad = verdicts({"candidate": metrics_row(1.0, 0.90, 0.80, 0.70), "champion": champion, "retrain": retrain})
-    assert bad == {"forget_accuracy": ("fail", 0.1), "mia": ("fail", 0.18),
+    bad = verdicts({"candidate": metrics_row(1.0, 0.90, 0.80, 0.95), "champion": champion, "retrain": retrain},
+                   same | {"candidate": correct(100)})
+    assert bad == {"forget_accuracy": ("pass", 0.1), "mia": ("fail", 0.43),
                    "test_accuracy": ("fail", 0.14), "retain_accuracy": ("fail", 0.07)}
-    # Forgetting too much (the Streisand effect) also fails: the gaps are two-sided.
-    assert verdicts({"candidate": metrics_row(0.5, 0.97, 0.94, 0.3), "champion": champion, "retrain": retrain}
-                    )["forget_accuracy"] == ("fail", 0.4)
+    # 10 more right of 100 is within the noise of a 0.05 limit; 40 fewer is not (forgetting too
+    # much, the Streisand effect, fails too: the gaps are two-sided).
+    assert verdicts({"candidate": metrics_row(0.5, 0.97, 0.94, 0.52), "champion": champion, "retrain": retrain},
+                    same | {"candidate": correct(50)})["forget_accuracy"] == ("fail", 0.4)
+
+
+def test_forget_gates_account_for_the_forget_set_size():
+    """2 of 8 forget samples differing is a 0.25 gap, far over 0.05, yet consistent with no gap at
+    all on 8 samples: it passes; 8 of 8 differing fails. The same gaps on 400 samples both fail."""
+    def forget_gate(n_differ, n):
+        metrics = {m: metrics_row(1.0, 0.97, 0.94, 0.5, n_forget=n) for m in ("candidate", "champion", "retrain")}
+        found = verdicts(metrics, {"candidate": correct(n - n_differ, n), "champion": correct(n, n), "retrain": correct(n, n)})
+        return found["forget_accuracy"]
+    assert forget_gate(2, 8) == ("pass", 0.25)
+    assert forget_gate(8, 8) == ("fail", 1.0)
+    assert forget_gate(100, 400) == ("fail", 0.25)
+    # the membership gate likewise: an AUC 0.3 above retrain's on 8 samples passes, on 400 fails
+    for n, status in ((8, "pass"), (400, "fail")):
+        metrics = {"candidate": metrics_row(1.0, 0.97, 0.94, 0.8, n), "champion": metrics_row(1.0, 0.97, 0.94, 0.8, n),
+                   "retrain": metrics_row(1.0, 0.97, 0.94, 0.5, n)}
+        assert verdicts(metrics, {m: correct(n, n) for m in metrics})["mia"] == (status, 0.3)
 
 
 def test_gates_without_a_retrained_reference_use_test_accuracy_and_chance():
     champion = metrics_row(1.0, 0.99, 0.95, 0.70)
-    result = verdicts({"candidate": metrics_row(0.96, 0.98, 0.94, 0.58), "champion": champion})
+    result = verdicts({"candidate": metrics_row(0.96, 0.98, 0.94, 0.58), "champion": champion},
+                      {"candidate": correct(96), "champion": correct(100)})
     assert result == {"forget_accuracy": ("pass", 0.02), "mia": ("pass", 0.08),
                       "test_accuracy": ("pass", 0.01), "retain_accuracy": ("pass", 0.01)}
-    small = verdicts({"candidate": metrics_row(1.0, 0.98, 0.94, None), "champion": champion})
-    assert small["mia"] == ("skipped", None)
 
 
 def test_serve_schedule_comes_from_params(repo_params):

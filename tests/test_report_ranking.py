@@ -56,6 +56,25 @@ def test_auto_candidates_are_registered_methods_with_a_finite_final(repo_params)
     assert ranking.auto_pick({"b": 0.5, "a": 0.5}) == "a"  # ties: the first name
 
 
+def test_auto_skips_a_method_that_fails_the_gates_criteria_in_the_benchmark(repo_params):
+    """The best Final loses its place if its benchmark means would fail params.yaml's gates."""
+    from unlearnops import methods
+
+    gates = repo_params["ops"]["gates"]
+
+    def run(final, test, forget=0.97, auc=0.5):
+        return {"final_score": {"estimate": final}, "accuracy": {"test": {"mean": test}, "retain": {"mean": 1.0}, "forget": {"mean": forget}},
+                "retrain_accuracy": {"test": {"mean": 0.98}, "retain": {"mean": 1.0}, "forget": {"mean": 0.97}},
+                "mia": {"loss_attack_auc": auc}, "retrain_mia": {"loss_attack_auc": 0.5}}
+    drop = gates["max_test_accuracy_drop"]
+    results = {"scrub": run(0.5, 0.98 - 2 * drop), "finetune": run(0.3, 0.98 - drop / 2),
+               "neggrad_plus": run(0.4, 0.98, forget=0.97 - 2 * gates["max_forget_accuracy_gap"]),
+               "random_label": run(0.45, 0.98, auc=0.5 + 2 * gates["max_mia_auc_gap"])}
+    assert ranking.gate_failures(results["finetune"], gates) == []
+    assert [len(ranking.gate_failures(results[m], gates)) for m in ("scrub", "neggrad_plus", "random_label")] == [1, 1, 1]
+    assert ranking.auto_candidates(results, repo_params, methods.available()) == {"finetune": 0.3}
+
+
 def test_the_reports_mark_is_the_method_the_deletion_flow_chooses(repo_params, tmp_path):
     """report.auto_choice and ops.deletion.choose_method read the same evidence and agree."""
     from unlearnops import report
@@ -167,6 +186,7 @@ def test_relearn_curves_are_plot_data(tmp_path, repo_params):
 
     params = copy.deepcopy(repo_params)
     params["unlearn"]["methods"], params["condense"]["methods"] = ["finetune"], []
+    params["unlearn"]["layered"] = []
     (tmp_path / "relearn").mkdir()
     for name in ("retrain", "finetune"):
         entry = {"S": [1], "T": [2], "per_epoch": [0.1, 0.5, 0.7]}

@@ -121,6 +121,8 @@ def cmd_review(args) -> int:
     params = load_checked(args.params)
     mlflow_client = model_registry.client(params)
     ledger = _open_ledger(params)
+    if args.action == "list" and args.failed:
+        return review_cli.cmd_failed(mlflow_client, params)
     if args.action == "list":
         return review_cli.cmd_list(mlflow_client, params, args.all, ledger)
     if args.action == "approve":
@@ -154,6 +156,7 @@ def _add_review_commands(sub) -> None:
     actions = review.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="candidates awaiting review, with their evidence")
     listing.add_argument("--all", action="store_true", help="also approved, rejected and superseded ones")
+    listing.add_argument("--failed", action="store_true", help="instead: the latest deletion runs whose candidate failed a gate")
     approve = actions.add_parser("approve", help="make a candidate the champion; its requests are deleted")
     approve.add_argument("version")
     approve.add_argument("--reviewer", required=True)

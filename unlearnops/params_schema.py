@@ -221,6 +221,7 @@ class Gates(Strict):
     max_retain_accuracy_drop: float
     mia_splits: Annotated[int, Field(ge=2)]
     mia_seed: int
+    confidence: Annotated[float, Field(ge=0.5, lt=1.0)]
 
 
 class Onnx(Strict):

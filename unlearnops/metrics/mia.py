@@ -89,6 +89,11 @@ def _efficacy_attack(retain_feat, test_feat, forget_feat, seed: int) -> dict:
     return {"efficacy": 1.0 - member_rate, "member_rate": member_rate}
 
 
+def label_losses(logits, labels) -> np.ndarray:
+    """Cross-entropy of each sample's label under one model's logits [n, C]: the loss attack's feature."""
+    return -_log_probs_of_labels(*_check_logits(logits, labels, "samples"))
+
+
 def loss_mia(forget_logits, forget_labels, test_logits, test_labels, n_splits: int = 10, seed: int = 0) -> dict:
     """Starting-kit loss attack for one model: cross-validated {'acc', 'auc'}, forget vs test."""
     forget_loss = -_log_probs_of_labels(*_check_logits(forget_logits, forget_labels, "forget"))

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
 import time
@@ -44,14 +43,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from unlearnops import methods, tracking
+from unlearnops import methods, ranking, tracking
 from unlearnops.ops import model_registry
 from unlearnops.config import ConfigError, build_dataclass
 from unlearnops.data import Part, load_prepared, read_deleted_ids
 from unlearnops.ops.export import ExportError
 from unlearnops.ops.ledger import DEFAULT_DEADLINE_DAYS, Ledger, Status, lease_holder
 from unlearnops.methods import UnlearnData
-from unlearnops.metrics.mia import loss_mia
+from unlearnops.metrics import gaps
+from unlearnops.metrics.gaps import loss_auc
+from unlearnops.metrics.mia import label_losses, loss_mia
 from unlearnops.outputs import eval_parts
 from unlearnops.files import write_json
 from unlearnops.layout import PREPARED, setting_layout
@@ -70,6 +71,10 @@ class DeletionError(RuntimeError):
     """A deletion run that cannot succeed as configured; its requests are marked failed."""
 
 
+class GatesFailed(DeletionError):
+    """The candidate failed a gate: nothing was registered, the run's requests are failed with the reason."""
+
+
 # Failures that are the requests' outcome (marked failed), not crashes (resumed next run).
 FAILURES = (DeletionError, ExportError)
 
@@ -85,6 +90,7 @@ class Gates:
     max_retain_accuracy_drop: float
     mia_splits: int
     mia_seed: int
+    confidence: float
 
     @classmethod
     def from_params(cls, params: dict) -> "Gates":
@@ -172,30 +178,21 @@ def data_files(params: dict) -> list[Path]:
 
 
 def choose_method(params: dict, metrics_dir: Path | None = None) -> tuple[str, str]:
-    """The unlearning method and why: `ops.method`, or with `auto` the best `final_score` of
-    the last benchmark in `ops.benchmark_setting` (evaluation/<setting>/*.json; or in
-    `metrics_dir`), else `ops.fallback_method`."""
+    """The unlearning method and why: `ops.method`, or with `auto` unlearnops.ranking's pick among
+    the runs of the last benchmark in `ops.benchmark_setting` (evaluation/<setting>/*.json; or in
+    `metrics_dir`) that meet the gates' criteria, else `ops.fallback_method`."""
     wanted = params["ops"]["method"]
     if wanted != "auto":
         methods.get_method(wanted, params)  # unknown names fail with the allowed list
         return wanted, "ops.method"
     if metrics_dir is None:
         metrics_dir = setting_layout(params, params["ops"]["benchmark_setting"]).evidence
-    scores = {}
-    for path in sorted(Path(metrics_dir).glob("*.json")):
-        result = json.loads(path.read_text())
-        score = result.get("final_score")  # a number, or {"estimate", "low", "high", ...}
-        score = score.get("estimate") if isinstance(score, dict) else score
-        name = result.get("method", path.stem)  # condensed runs ("finetune+blend") are not candidates
-        if isinstance(score, (int, float)) and math.isfinite(score) and name in methods.available() \
-                and name in params["methods"]:
-            scores[name] = float(score)
+    scores = ranking.auto_candidates(ranking.read_results(metrics_dir), params, methods.available())
     if scores:
-        best = max(scores, key=scores.get)
-        return best, f"best final_score {scores[best]:.4f} among {len(scores)} benchmarked methods ({metrics_dir})"
+        return ranking.auto_pick(scores), ranking.auto_reason(scores, str(metrics_dir))
     fallback = params["ops"]["fallback_method"]
     methods.get_method(fallback, params)
-    return fallback, f"ops.fallback_method (no final_score in {metrics_dir})"
+    return fallback, f"ops.fallback_method (no benchmarked method in {metrics_dir} has a final_score and meets the gates' criteria)"
 
 
 # ------------------------------------------------------------------ 1. claim
@@ -324,22 +321,27 @@ def unlearn(params: dict, work_dir: str | Path) -> Path:
 # ------------------------------------------------------------------ 4. evaluate
 
 
-def model_metrics(stack: ModelStack, parts: dict, runtime: Runtime, gates: Gates) -> dict:
-    """Accuracy on retain, forget and test, and the loss-MIA on forget vs test, of model 0."""
+def model_metrics(stack: ModelStack, parts: dict, runtime: Runtime, gates: Gates) -> tuple[dict, list[int]]:
+    """Model 0's accuracy on retain, forget and test, the loss AUC of forget vs test (the membership
+    gate's evidence) and the loss-MIA attack; and which forget samples it gets right (0/1 each)."""
     logits = {s: predict(stack, parts[s].x, runtime)[0].numpy() for s in SPLITS}
     labels = {s: parts[s].y.numpy() for s in SPLITS}
-    metrics = {f"{s}_accuracy": float((logits[s].argmax(1) == labels[s]).mean()) for s in SPLITS}
+    correct = {s: logits[s].argmax(1) == labels[s] for s in SPLITS}
+    metrics = {f"{s}_accuracy": float(correct[s].mean()) for s in SPLITS}
+    losses = {s: label_losses(logits[s], labels[s]) for s in ("forget", "test")}
     n_splits = min(gates.mia_splits, len(labels["forget"]), len(labels["test"]))
     mia = (loss_mia(logits["forget"], labels["forget"], logits["test"], labels["test"], n_splits, gates.mia_seed)
            if n_splits >= 2 else {"acc": None, "auc": None})
-    return {**metrics, "mia_auc": mia["auc"], "mia_accuracy": mia["acc"]}
+    metrics |= {"loss_auc": loss_auc(losses["forget"], losses["test"]), "mia_auc": mia["auc"], "mia_accuracy": mia["acc"],
+                "n_forget": len(labels["forget"]), "n_test": len(labels["test"])}
+    return metrics, correct["forget"].astype(int).tolist()
 
 
 def evaluate(params: dict, work_dir: str | Path) -> Path:
     """Metrics of candidate, champion and (ops.gates.retrain_reference) a retrained model."""
     work_dir = Path(work_dir)
     out = work_dir / EVIDENCE_FILE
-    if out.is_file():
+    if out.is_file() and "forget_correct" in _read_json(out):  # evidence of an older version lacks the per-sample part: measure again
         return out
     work = _read_json(work_dir / WORK_FILE)
     gates, runtime = Gates.from_params(params), Runtime.from_params(params)
@@ -352,8 +354,10 @@ def evaluate(params: dict, work_dir: str | Path) -> Path:
         models["retrain"], seconds["retrain_seconds"] = train_from_scratch(
             models["champion"].spec, [int(params["train"]["seed"])], stream, cfg, runtime, desc="retrain reference")
     evaluated = eval_parts(parts, params["evaluate"]["retain_max_samples"], params["evaluate"]["seed"])
+    measured = {name: model_metrics(stack, evaluated, runtime, gates) for name, stack in models.items()}
     evidence = {
-        "metrics": {name: model_metrics(stack, evaluated, runtime, gates) for name, stack in models.items()},
+        "metrics": {name: metrics for name, (metrics, _) in measured.items()},
+        "forget_correct": {name: correct for name, (_, correct) in measured.items()},  # the paired forget-accuracy gate
         "n_samples": {s: len(evaluated[s]) for s in SPLITS},
         "seconds": seconds,
     }
@@ -364,27 +368,43 @@ def evaluate(params: dict, work_dir: str | Path) -> Path:
 # ------------------------------------------------------------------ 5. register
 
 
-def judge(metrics: dict, gates: Gates) -> list[dict]:
-    """One verdict per gate: status pass | fail | skipped (not measurable), value, limit, detail."""
+def judge(evidence: dict, gates: Gates) -> list[dict]:
+    """One verdict per gate from `evaluate`'s evidence: status pass | fail, value (the measured
+    gap), limit, lower_bound, detail.
+
+    The forget-set gates account for its size: a gap fails only when its one-sided lower bound at
+    `gates.confidence` (unlearnops/metrics/gaps.py) is above the limit, so a handful of samples
+    cannot fail a good candidate by chance; the verdict shows the bound beside the gap."""
+    metrics, correct = evidence["metrics"], evidence["forget_correct"]
     cand, champion, retrain = metrics["candidate"], metrics["champion"], metrics.get("retrain")
+    n = cand["n_forget"]
     verdicts = []
 
-    def verdict(gate: str, value: float | None, limit: float, detail: str) -> None:
-        status = "skipped" if value is None else "pass" if value <= limit else "fail"
-        verdicts.append({"gate": gate, "status": status, "value": value, "limit": limit, "detail": detail})
+    def verdict(gate: str, value: float, limit: float, detail: str, bound: float | None = None) -> None:
+        tested = value if bound is None else bound
+        verdicts.append({"gate": gate, "status": "pass" if tested <= limit else "fail", "value": value, "limit": limit,
+                         "lower_bound": bound, "detail": detail if bound is None else f"{detail}, lower bound {bound:.3f} on {n} samples"})
 
     # Forgotten data should look like data the model never saw: the retrained model's forget
-    # accuracy, or without one the candidate's own accuracy on unseen test data.
-    ref, source = (retrain["forget_accuracy"], "retrained") if retrain else (cand["test_accuracy"], "candidate test accuracy")
-    verdict("forget_accuracy", abs(cand["forget_accuracy"] - ref), gates.max_forget_accuracy_gap,
-            f"|forget accuracy {cand['forget_accuracy']:.3f} - {ref:.3f} ({source})|")
-    if cand["mia_auc"] is None:
-        verdict("mia", None, gates.max_mia_auc_gap, "forget set too small for the attack (needs 2 samples)")
+    # accuracy (paired, on the same samples), or without one the candidate's own test accuracy.
+    if retrain:
+        gap, se = gaps.paired_accuracy_gap(correct["candidate"], correct["retrain"])
+        ref, source = retrain["forget_accuracy"], "retrained"
     else:
-        ref, source = (retrain["mia_auc"], "retrained") if retrain else (0.5, "chance")
-        verdict("mia", abs(cand["mia_auc"] - ref), gates.max_mia_auc_gap,
-                f"|loss-MIA AUC {cand['mia_auc']:.3f} - {ref:.3f} ({source})|")
-    # Utility may fall as far as losing the data costs a retrained model, plus the tolerance.
+        gap, se = gaps.accuracy_gap(cand["forget_accuracy"], n, cand["test_accuracy"], cand["n_test"])
+        ref, source = cand["test_accuracy"], "candidate test accuracy"
+    verdict("forget_accuracy", gap, gates.max_forget_accuracy_gap,
+            f"|forget accuracy {cand['forget_accuracy']:.3f} - {ref:.3f} ({source})|", gaps.lower_bound(gap, se, gates.confidence, n))
+    # Membership: how well a sample's loss tells forget from test, against the retrained model's (else chance).
+    ref, source = (retrain["loss_auc"], "retrained") if retrain else (0.5, "chance")
+    se = gaps.auc_standard_error(cand["loss_auc"], n, cand["n_test"])
+    if retrain:
+        se = float(np.hypot(se, gaps.auc_standard_error(ref, n, retrain["n_test"])))
+    gap = abs(cand["loss_auc"] - ref)
+    verdict("mia", gap, gates.max_mia_auc_gap, f"|loss AUC {cand['loss_auc']:.3f} - {ref:.3f} ({source})|",
+            gaps.lower_bound(gap, se, gates.confidence, n))
+    # Utility may fall as far as losing the data costs a retrained model, plus the tolerance
+    # (hundreds of test and retain samples: the measured drop is the evidence).
     for split, limit in (("test", gates.max_test_accuracy_drop), ("retain", gates.max_retain_accuracy_drop)):
         key = f"{split}_accuracy"
         refs = {"champion": champion[key], **({"retrained": retrain[key]} if retrain else {})}
@@ -462,7 +482,7 @@ def register(params: dict, work_dir: str | Path) -> dict:
     """
     work_dir = Path(work_dir)
     work, evidence = _read_json(work_dir / WORK_FILE), _read_json(work_dir / EVIDENCE_FILE)
-    verdicts = judge(evidence["metrics"], Gates.from_params(params))
+    verdicts = judge(evidence, Gates.from_params(params))
     failed = [f"{v['gate']}: {v['detail']} > {v['limit']:g}" for v in verdicts if v["status"] == "fail"]
     name, mlflow_client = model_registry.model_name(params), model_registry.client(params)
     existing = model_registry.versions(mlflow_client, name, work_key=work["work_key"])
@@ -478,7 +498,9 @@ def register(params: dict, work_dir: str | Path) -> dict:
         mlflow.log_dict({"work": work, "evidence": evidence, "gates": verdicts}, "review/evidence.json")
         mlflow.log_text(evidence_markdown(work, evidence, verdicts), "review/report.md")
         result = {"version": None, "run_id": run.info.run_id, "method": work["method"], "failed_gates": failed}
-        if failed:
+        if failed:  # `review list --failed` shows these
+            mlflow.set_tags({"request_ids": ",".join(work["request_ids"]), "method": work["method"],
+                             "failed_gates": "; ".join(failed)[:4000]})
             return result
         _, parts = _parts(params, work["forget_sample_ids"])
         stack = ModelStack.load(work_dir / CANDIDATE_FILE)

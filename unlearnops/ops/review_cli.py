@@ -6,6 +6,8 @@ already, by another reviewer too); the reason is one line on stderr and nothing 
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -86,6 +88,28 @@ def cmd_list(mlflow_client, params: dict, include_decided: bool = False, ledger:
             facts.add_row(label, escape(str(value)))
         console.print(facts)
         console.print(_evidence_table(version))
+    return 0
+
+
+def cmd_failed(mlflow_client, params: dict, limit: int = 20) -> int:
+    """The latest deletion runs whose candidate failed a gate (nothing was registered): when, which
+    requests, the method, the gates that failed, and the MLflow run with the evidence."""
+    console = Console()
+    experiment = mlflow_client.get_experiment_by_name(params["mlflow"]["experiment"])
+    runs = [] if experiment is None else mlflow_client.search_runs(
+        [experiment.experiment_id], "tags.`unlearnops.stage` = 'deletion' and tags.gates = 'failed'",
+        max_results=limit, order_by=["attributes.start_time DESC"])
+    if not runs:
+        console.print("no deletion runs with failed gates", highlight=False)
+        return 0
+    ui = str(params["ops"]["ui_url"]).rstrip("/")
+    table = Table("started", "requests", "method", "failed gates", "MLflow run")
+    for run in runs:
+        tags = run.data.tags
+        started = datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        table.add_row(started, escape(tags.get("request_ids", "?").replace(",", ", ")), escape(tags.get("method", "?")),
+                      escape(tags.get("failed_gates", "?")), f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+    console.print(table)
     return 0
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from unlearnops.metrics.gaps import auc_standard_error, loss_auc, lower_bound, paired_accuracy_gap  # noqa: E402
+from unlearnops.metrics.gaps import loss_auc, lower_bound, paired_accuracy_gap  # noqa: E402
 
 REPS = 2000
 N_TEST = 360  # digits' test split
@@ -59,10 +59,9 @@ def mia_rates(limit: float, confidence: float, n_test: int, rng: np.random.Gener
             interval = fixed = 0
             for _ in range(REPS):
                 test = rng.exponential(1.0, n_test)
-                auc_ref = loss_auc(rng.exponential(1.0, n), test)
-                auc_cand = loss_auc(rng.exponential(scale_for_auc(0.5 + gap), n), test)
-                measured = abs(auc_cand - auc_ref)
-                se = float(np.hypot(auc_standard_error(auc_cand, n, n_test), auc_standard_error(auc_ref, n, n_test)))
+                auc_ref, se_ref = loss_auc(rng.exponential(1.0, n), test)
+                auc_cand, se_cand = loss_auc(rng.exponential(scale_for_auc(0.5 + gap), n), test)
+                measured, se = abs(auc_cand - auc_ref), float(np.hypot(se_cand, se_ref))
                 interval += lower_bound(measured, se, confidence, n) > limit
                 fixed += measured > limit
             rows.append({"gate": "mia", "n forget": n, "true gap": label,

@@ -33,25 +33,20 @@ def accuracy_gap(accuracy: float, n: int, reference: float, n_reference: int) ->
     return abs(accuracy - reference), se
 
 
-def loss_auc(forget_loss: np.ndarray, test_loss: np.ndarray) -> float:
-    """The loss attack's ROC AUC without training an attacker: the chance that a forget sample has
-    a lower loss than a test sample (a member's loss is low). 1/2: forget samples look unseen."""
-    from sklearn.metrics import roc_auc_score
-
+def loss_auc(forget_loss: np.ndarray, test_loss: np.ndarray) -> tuple[float, float]:
+    """The loss attack's ROC AUC without training an attacker, the chance that a forget sample has
+    a lower loss than a test sample (a member's loss is low; 1/2: forget samples look unseen), and
+    its standard error by DeLong et al. (1988): the spread of each sample's placement among the
+    other set's (infinite for a single forget sample: one sample shows nothing)."""
     forget_loss, test_loss = np.asarray(forget_loss, dtype=float), np.asarray(test_loss, dtype=float)
     if forget_loss.size == 0 or test_loss.size == 0:
         raise ValueError(f"need forget and test losses, got {forget_loss.size} and {test_loss.size}")
-    labels = np.r_[np.ones(forget_loss.size), np.zeros(test_loss.size)]
-    return float(roc_auc_score(labels, -np.r_[forget_loss, test_loss]))
-
-
-def auc_standard_error(auc: float, n_positive: int, n_negative: int) -> float:
-    """Hanley & McNeil (1982): the standard error of an ROC AUC from n_positive and n_negative scores."""
-    if n_positive < 1 or n_negative < 1:
-        raise ValueError(f"sample sizes must be >= 1, got {n_positive} and {n_negative}")
-    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
-    variance = (auc * (1 - auc) + (n_positive - 1) * (q1 - auc**2) + (n_negative - 1) * (q2 - auc**2)) / (n_positive * n_negative)
-    return math.sqrt(max(variance, 0.0))
+    below = (forget_loss[:, None] < test_loss[None, :]) + 0.5 * (forget_loss[:, None] == test_loss[None, :])
+    auc = float(below.mean())
+    if forget_loss.size < 2 or test_loss.size < 2:
+        return auc, math.inf
+    variance = below.mean(axis=1).var(ddof=1) / forget_loss.size + below.mean(axis=0).var(ddof=1) / test_loss.size
+    return auc, float(math.sqrt(variance))
 
 
 def lower_bound(gap: float, se: float, confidence: float, n: int) -> float:

@@ -332,7 +332,8 @@ def model_metrics(stack: ModelStack, parts: dict, runtime: Runtime, gates: Gates
     n_splits = min(gates.mia_splits, len(labels["forget"]), len(labels["test"]))
     mia = (loss_mia(logits["forget"], labels["forget"], logits["test"], labels["test"], n_splits, gates.mia_seed)
            if n_splits >= 2 else {"acc": None, "auc": None})
-    metrics |= {"loss_auc": loss_auc(losses["forget"], losses["test"]), "mia_auc": mia["auc"], "mia_accuracy": mia["acc"],
+    auc, auc_se = loss_auc(losses["forget"], losses["test"])
+    metrics |= {"loss_auc": auc, "loss_auc_se": auc_se, "mia_auc": mia["auc"], "mia_accuracy": mia["acc"],
                 "n_forget": len(labels["forget"]), "n_test": len(labels["test"])}
     return metrics, correct["forget"].astype(int).tolist()
 
@@ -397,9 +398,7 @@ def judge(evidence: dict, gates: Gates) -> list[dict]:
             f"|forget accuracy {cand['forget_accuracy']:.3f} - {ref:.3f} ({source})|", gaps.lower_bound(gap, se, gates.confidence, n))
     # Membership: how well a sample's loss tells forget from test, against the retrained model's (else chance).
     ref, source = (retrain["loss_auc"], "retrained") if retrain else (0.5, "chance")
-    se = gaps.auc_standard_error(cand["loss_auc"], n, cand["n_test"])
-    if retrain:
-        se = float(np.hypot(se, gaps.auc_standard_error(ref, n, retrain["n_test"])))
+    se = float(np.hypot(cand["loss_auc_se"], retrain["loss_auc_se"])) if retrain else cand["loss_auc_se"]
     gap = abs(cand["loss_auc"] - ref)
     verdict("mia", gap, gates.max_mia_auc_gap, f"|loss AUC {cand['loss_auc']:.3f} - {ref:.3f} ({source})|",
             gaps.lower_bound(gap, se, gates.confidence, n))

@@ -35,8 +35,9 @@ def spec(repo_params) -> dict:
 
 @pytest.fixture(scope="module")
 def finetune_cfg(repo_params) -> FitConfig:
-    """params.yaml's methods.finetune.fit with the stopping rule switched on."""
-    return build_dataclass(FitConfig, {**repo_params["methods"]["finetune"]["fit"], "stop_patience": PATIENCE}, "methods.finetune.fit")
+    """Fine-tuning as the engine's tests know it (params.yaml's train.fit, 2 epochs) with the stopping
+    rule switched on. (methods.finetune.fit's batch 16 x 1 epoch leaves the rule nothing to do.)"""
+    return build_dataclass(FitConfig, {**repo_params["train"]["fit"], "epochs": 2, "stop_patience": PATIENCE}, "train.fit")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_a_model_stops_where_the_rule_says_and_stays_there(start, parts, finetun
     """Against the same fine-tuning without the rule, recorded after every epoch: each model is
     its state at the first epoch that ends `patience` epochs of accuracy changes below the
     tolerance (BatchNorm statistics included), and fit ends once all models stopped. Over 6
-    epochs: finetune's default 2 leave the rule no room to stop models at different epochs."""
+    epochs: 2 leave the rule no room to stop models at different epochs."""
     cfg = FitConfig(**{**finetune_cfg.__dict__, "epochs": 6})
     history = [start]
     record = lambda epoch, index, models: history.append(ModelStack(models.spec, {k: v.clone() for k, v in models.params.items()}, {k: v.clone() for k, v in models.buffers.items()}, models.seeds))  # noqa: E731

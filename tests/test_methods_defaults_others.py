@@ -82,14 +82,7 @@ def check_against_retraining(got: dict, reference: dict, got_on_class: dict, cla
 # ------------------------------------------------------------------ whole methods, defaults
 
 
-# Known finding (issue 11 stays open on it): at their defaults these three do not forget a whole
-# class; their forget confidence on class 0 rises above the target's (e.g. finetune 7.7 -> 8.9,
-# retrained -10.9). Strict: the day they pass, the mark must go.
-NO_CLASS_FORGETTING = pytest.mark.xfail(strict=True, reason="at its defaults it does not move a whole class's forget confidence toward retraining")
-
-
-@pytest.mark.parametrize("name", [pytest.param("finetune", marks=NO_CLASS_FORGETTING), "neggrad_plus", pytest.param("random_label", marks=NO_CLASS_FORGETTING),
-                                  pytest.param("salun", marks=NO_CLASS_FORGETTING), "scrub", "layered"])
+@pytest.mark.parametrize("name", ["finetune", "neggrad_plus", "random_label", "salun", "scrub", "layered"])
 def test_default_method_keeps_test_accuracy_and_moves_forget_confidence_toward_retraining(name, digits_default_setup, reference, digits_class_setup, class_reference, one_thread):
     got = summary(run_default(name, digits_default_setup), digits_default_setup[1], digits_default_setup[-1])
     got_on_class = summary(run_default(name, digits_class_setup), digits_class_setup[1], digits_class_setup[-1])

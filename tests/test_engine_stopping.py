@@ -128,10 +128,10 @@ def test_unlearner_fit_monitors_retain_and_validation(start, parts, finetune_cfg
 
         @dataclass
         class Hparams:
-            fit: dict
+            fit: FitConfig
 
         def unlearn(self, models, data, runtime):
-            return self.fit(data, models, {"retain": self.retain_stream(data)}, cross_entropy_on("retain"), self.fit_config(), runtime, driver="retain", desc="finetune")
+            return self.fit(data, models, {"retain": self.retain_stream(data)}, cross_entropy_on("retain"), self.hp.fit, runtime, driver="retain", desc="finetune")
 
     def part(name):
         x, y = parts[name]

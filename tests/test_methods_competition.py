@@ -132,7 +132,7 @@ def test_kl_phase_makes_forget_outputs_less_confident(tiny_setup):
 def test_contrastive_passes_share_one_cosine_schedule(tiny_params):
     """Round r's lr is torch's CosineAnnealingLR over all rounds' forget steps, at round r's step."""
     method = get_method("kl_contrastive", tiny_params)
-    cfg, rounds = method.fit_config("contrast"), method.hp.rounds
+    cfg, rounds = method.hp.contrast, method.hp.rounds
     weight = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.SGD([weight], lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=rounds, eta_min=method.hp.eta_min)
@@ -265,7 +265,7 @@ def test_class_weighting_is_the_authors_balanced_batch_scale():
 
 
 def test_conv_perturb_schedule_steps_per_epoch_like_torch_cosine(tiny_params):
-    cfg = get_method("conv_perturb", tiny_params).fit_config()
+    cfg = get_method("conv_perturb", tiny_params).hp.fit
     cfg = FitConfig(**{**vars(cfg), "epochs": 4})
     weight = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.SGD([weight], lr=cfg.lr)

@@ -41,7 +41,7 @@ from torch._C._functorch import _add_batch_dim, _remove_batch_dim, maybe_get_lev
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from unlearnops.config import ConfigError, choose
+from unlearnops.config import ConfigError, FieldError, choose
 from unlearnops.nets import build_model, without_head
 from unlearnops.stack import ModelStack
 
@@ -75,14 +75,16 @@ class FitConfig:
     stop_tolerance: float = 0.0
 
     def __post_init__(self):
-        choose(self.optimizer, OPTIMIZERS, "optimizer")
-        choose(self.schedule, SCHEDULES, "lr schedule")
-        if self.epochs < 0 or self.batch_size < 1 or self.lr < 0:
-            raise ConfigError(f"bad training settings: epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}")
-        if self.stop_patience < 0:
-            raise ConfigError(f"stop_patience must be >= 0 (0 = off), got {self.stop_patience}")
+        for field, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if getattr(self, field) not in allowed:
+                raise FieldError(field, f"unknown value '{getattr(self, field)}'; allowed: {', '.join(allowed)}")
+        for field, least in (("epochs", 0), ("batch_size", 1), ("lr", 0), ("momentum", 0), ("weight_decay", 0), ("stop_patience", 0)):
+            if getattr(self, field) < least:
+                raise FieldError(field, f"must be >= {least}, got {getattr(self, field)}")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise FieldError("warmup_fraction", f"must be in [0, 1], got {self.warmup_fraction}")
         if self.stop_patience > 0 and not self.stop_tolerance > 0:
-            raise ConfigError(f"stop_patience={self.stop_patience} needs stop_tolerance > 0, got {self.stop_tolerance}")
+            raise FieldError("stop_tolerance", f"stop_patience={self.stop_patience} needs stop_tolerance > 0, got {self.stop_tolerance}")
 
 
 @dataclass

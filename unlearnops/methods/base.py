@@ -32,7 +32,9 @@ class Unlearner:
     """
 
     name: ClassVar[str]
-    Hparams: ClassVar[type]  # a dataclass; its fields are exactly the keys of methods.<name>
+    # A dataclass; its fields are exactly the keys of methods.<name>, typed: a `FitConfig` field
+    # (fit: FitConfig) is built and checked from its nested mapping when the method is built.
+    Hparams: ClassVar[type]
 
     def __init__(self, hparams: dict, params: dict):
         self.hp = build_dataclass(self.Hparams, hparams, f"methods.{self.name}")
@@ -53,11 +55,8 @@ class Unlearner:
         self.fit_epochs.append((options.get("desc", self.name), monitor.epochs))
         return models
 
-    def fit_config(self, key: str = "fit") -> FitConfig:
-        return build_dataclass(FitConfig, getattr(self.hp, key), f"methods.{self.name}.{key}")
-
     def retain_stream(self, data: UnlearnData, batch_size: int | None = None) -> Stream:
-        return Stream(data.retain.x, data.retain.y, batch_size or self.fit_config().batch_size, data.augment)
+        return Stream(data.retain.x, data.retain.y, batch_size or self.hp.fit.batch_size, data.augment)
 
     def forget_stream(self, data: UnlearnData, batch_size: int) -> Stream:
         return Stream(data.forget.x, data.forget.y, batch_size, data.augment)

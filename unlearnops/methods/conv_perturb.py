@@ -81,7 +81,7 @@ class ConvPerturb(Unlearner):
         noise_std: float  # std of the first perturbation
         reperturb_std: float  # std of the light perturbation before the last epoch
         retain_fraction: float  # share of retain each epoch visits
-        fit: dict  # fine-tuning on retain, all epochs (the schedule steps per epoch)
+        fit: FitConfig  # fine-tuning on retain, all epochs (the schedule steps per epoch)
 
     def __init__(self, hparams: dict, params: dict):
         super().__init__(hparams, params)
@@ -89,8 +89,8 @@ class ConvPerturb(Unlearner):
         if self.hp.noise_std < 0 or self.hp.reperturb_std < 0:
             raise ConfigError(f"methods.conv_perturb: noise stds must be >= 0, got noise_std={self.hp.noise_std}, reperturb_std={self.hp.reperturb_std}")
         check_retain_fraction(self.hp.retain_fraction, "methods.conv_perturb.retain_fraction")
-        if self.fit_config().epochs < 1:
-            raise ConfigError(f"methods.conv_perturb.fit.epochs must be >= 1 (the re-perturbation comes before the last), got {self.fit_config().epochs}")
+        if self.hp.fit.epochs < 1:
+            raise ConfigError(f"methods.conv_perturb.fit.epochs must be >= 1 (the re-perturbation comes before the last), got {self.hp.fit.epochs}")
 
     def perturbed_layers(self, spec: dict) -> list[str]:
         names = conv_weight_names(spec, self.name)
@@ -104,7 +104,7 @@ class ConvPerturb(Unlearner):
             x, y = batches["retain"]
             return batch_weighted_cross_entropy(forward(x), y, weights)
 
-        cfg, seeds = self.fit_config(), models.seeds
+        cfg, seeds = self.hp.fit, models.seeds
         streams, driver = retain_streams(data.retain, cfg.batch_size, self.hp.retain_fraction, data.augment)
         models = perturb_conv(models, names, self.hp.noise_std, PERTURB_SALT)
         for epoch in range(cfg.epochs):

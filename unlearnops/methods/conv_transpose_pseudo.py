@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from unlearnops.config import ConfigError, build_dataclass, choose
+from unlearnops.config import ConfigError, choose
 from unlearnops.data import Part
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
@@ -60,19 +60,17 @@ def pseudo_labels(original_logits: torch.Tensor, quick_logits: torch.Tensor, sou
 class ConvTransposePseudo(Unlearner):
     @dataclass
     class Hparams:
-        quick_fit: dict
+        quick_fit: FitConfig
         change_score: str
         pseudo_fraction: float
         pseudo_label: str
         pseudo_weight: float
         pseudo_batch_size: int
         retain_fraction: float
-        fit: dict
+        fit: FitConfig
 
         def __post_init__(self):
             check_retain_fraction(self.retain_fraction, "methods.conv_transpose_pseudo.retain_fraction")
-            build_dataclass(FitConfig, self.quick_fit, "methods.conv_transpose_pseudo.quick_fit")
-            build_dataclass(FitConfig, self.fit, "methods.conv_transpose_pseudo.fit")
             choose(self.change_score, CHANGE_SCORES, "methods.conv_transpose_pseudo.change_score")
             choose(self.pseudo_label, PSEUDO_LABELS, "methods.conv_transpose_pseudo.pseudo_label")
             if not 0.0 < self.pseudo_fraction <= 1.0:
@@ -83,7 +81,7 @@ class ConvTransposePseudo(Unlearner):
 
     def quickly_unlearned(self, models: ModelStack, data, runtime: Runtime) -> ModelStack:
         """Step 1 for run 0 only: the transposed original, briefly fine-tuned on retain (one model)."""
-        cfg = build_dataclass(FitConfig, self.hp.quick_fit, f"methods.{self.name}.quick_fit")
+        cfg = self.hp.quick_fit
         stream = Stream(data.retain.x, data.retain.y, cfg.batch_size, data.augment)
         return fit(self.transpose(models.select([0])), {"retain": stream}, cross_entropy_on("retain"), cfg, runtime, driver="retain", desc=f"{self.name} quick")
 
@@ -105,7 +103,7 @@ class ConvTransposePseudo(Unlearner):
             (xr, yr), (xp, yp) = batches["retain"], batches["pseudo"]
             return F.cross_entropy(forward(xr), yr) + weight * F.cross_entropy(forward(xp), yp)
 
-        cfg = self.fit_config()
+        cfg = self.hp.fit
         streams, driver = retain_streams(data.retain, cfg.batch_size, self.hp.retain_fraction, data.augment)
         streams["pseudo"] = Stream(data.forget.x[chosen], labels, self.hp.pseudo_batch_size, data.augment)
         return fit(transposed, streams, loss, cfg, runtime, driver=driver, desc=self.name)

@@ -16,16 +16,16 @@ from dataclasses import dataclass
 
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.training import cross_entropy_on
+from unlearnops.training import FitConfig, cross_entropy_on
 
 
 @register("finetune")
 class Finetune(Unlearner):
     @dataclass
     class Hparams:
-        fit: dict
+        fit: FitConfig
 
     def unlearn(self, models, data, runtime):
         streams = {"retain": self.retain_stream(data)}
         # Through Unlearner.fit: `stop_patience` in methods.finetune.fit turns on the seed study's stopping rule.
-        return self.fit(data, models, streams, cross_entropy_on("retain"), self.fit_config(), runtime, driver="retain", desc=self.name)
+        return self.fit(data, models, streams, cross_entropy_on("retain"), self.hp.fit, runtime, driver="retain", desc=self.name)

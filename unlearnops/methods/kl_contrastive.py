@@ -61,9 +61,9 @@ class KLContrastive(Unlearner):
         eta_min: float  # end of the contrastive passes' shared cosine schedule
         negatives_batch_size: int  # retain samples per forget batch (the negatives)
         retain_fraction: float  # share of retain each retain round visits
-        uniform: dict  # step 1: the pass over forget toward uniform outputs
-        contrast: dict  # step 2: each contrastive pass over forget (cosine: one schedule over all rounds)
-        retain_round: dict  # step 2: each cross-entropy pass over retain
+        uniform: FitConfig  # step 1: the pass over forget toward uniform outputs
+        contrast: FitConfig  # step 2: each contrastive pass over forget (cosine: one schedule over all rounds)
+        retain_round: FitConfig  # step 2: each cross-entropy pass over retain
 
     def __init__(self, hparams: dict, params: dict):
         super().__init__(hparams, params)
@@ -74,13 +74,11 @@ class KLContrastive(Unlearner):
                 f"got {hp.temperature}, {hp.rounds}, {hp.negatives_batch_size}, {hp.eta_min}"
             )
         check_retain_fraction(hp.retain_fraction, "methods.kl_contrastive.retain_fraction")
-        for key in ("uniform", "contrast", "retain_round"):
-            self.fit_config(key)  # bad optimiser settings fail before any training
-        choose(self.fit_config("contrast").schedule, ("cosine", "constant"), "methods.kl_contrastive.contrast.schedule")
+        choose(self.hp.contrast.schedule, ("cosine", "constant"), "methods.kl_contrastive.contrast.schedule")
 
     def push_to_uniform(self, models: ModelStack, data: UnlearnData, runtime: Runtime) -> ModelStack:
         """Step 1: forget outputs toward the uniform distribution."""
-        cfg = self.fit_config("uniform")
+        cfg = self.hp.uniform
 
         def loss(forward, batches):
             return kl_from_uniform(forward(batches["forget"][0]))
@@ -89,7 +87,7 @@ class KLContrastive(Unlearner):
 
     def contrast_lr(self, round_index: int, n_forget: int) -> float:
         """The shared cosine schedule's learning rate for round `round_index`'s contrastive pass."""
-        cfg = self.fit_config("contrast")
+        cfg = self.hp.contrast
         if cfg.schedule == "constant":
             return cfg.lr
         steps = cfg.epochs * math.ceil(n_forget / min(cfg.batch_size, n_forget))
@@ -98,7 +96,7 @@ class KLContrastive(Unlearner):
 
     def contrastive_pass(self, models: ModelStack, data: UnlearnData, runtime: Runtime, round_index: int = 0) -> ModelStack:
         """Step 2a: forget outputs pushed to be equally similar to all retain outputs."""
-        cfg = replace(self.fit_config("contrast"), lr=self.contrast_lr(round_index, len(data.forget)), schedule="constant")
+        cfg = replace(self.hp.contrast, lr=self.contrast_lr(round_index, len(data.forget)), schedule="constant")
         temperature = self.hp.temperature
 
         def loss(forward, batches):
@@ -113,7 +111,7 @@ class KLContrastive(Unlearner):
 
     def retain_round(self, models: ModelStack, data: UnlearnData, runtime: Runtime) -> ModelStack:
         """Step 2b: cross-entropy over `retain_fraction` of retain."""
-        cfg: FitConfig = self.fit_config("retain_round")
+        cfg: FitConfig = self.hp.retain_round
         streams, driver = retain_streams(data.retain, cfg.batch_size, self.hp.retain_fraction, data.augment)
         return fit(models, streams, cross_entropy_on("retain"), cfg, runtime, driver=driver, desc=f"{self.name} retain")
 

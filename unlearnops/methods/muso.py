@@ -41,7 +41,7 @@ from unlearnops.methods.base import Unlearner
 from unlearnops.nets import build_model, head_name
 from unlearnops.stack import ModelStack
 from unlearnops.methods.passes import fit_passes, steps_per_pass
-from unlearnops.training import Stream, penultimate_features
+from unlearnops.training import FitConfig, Stream, penultimate_features
 
 
 # ---------------------------------------------------------------- the linear form
@@ -150,13 +150,13 @@ class Muso(Unlearner):
         # down-samples "when rows exceed 2 * keep_ratio * N_r", which holds for every keep_ratio
         # below 1/2, so that condition is no separate knob; keep_ratio 1 uses every row.
         keep_ratio: float
-        fit: dict  # the one optimiser of all epochs (CE steps on [retain; relabelled forget])
+        fit: FitConfig  # the one optimiser of all epochs (CE steps on [retain; relabelled forget])
 
     def unlearn(self, models, data, runtime):
         """MUSO.py's loop: R from the retain features at the start and after every epoch (the
         ridge ramping from eps_start to eps_end); before every step, forget labels from the
         current network's features; one CE step on the batch of [retain; forget]."""
-        hp, cfg, device = self.hp, self.fit_config(), runtime.device
+        hp, cfg, device = self.hp, self.hp.fit, runtime.device
         if not 0 < hp.keep_ratio <= 1:
             raise ConfigError(f"methods.muso.keep_ratio must be in (0, 1], got {hp.keep_ratio}")
         n, n_retain, n_forget = models.n, len(data.retain), len(data.forget)

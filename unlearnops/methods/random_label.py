@@ -29,7 +29,7 @@ from unlearnops.methods import register
 from unlearnops.methods.base import UnlearnData, Unlearner
 from unlearnops.methods.passes import StepHook, fit_passes, steps_per_pass
 from unlearnops.stack import ModelStack
-from unlearnops.training import Runtime, cross_entropy_on
+from unlearnops.training import FitConfig, Runtime, cross_entropy_on
 
 
 def random_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -40,7 +40,7 @@ def random_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def random_label_passes(method: Unlearner, models: ModelStack, data: UnlearnData, runtime: Runtime, grad_scale=None, after_step: StepHook | None = None) -> ModelStack:
     """RL.py's loop: per epoch a random-label pass over forget, then a pass over retain."""
-    cfg = method.fit_config()
+    cfg = method.hp.fit
     classes = data.num_classes
 
     def forget_loss(forward, batches):
@@ -57,7 +57,7 @@ def random_label_passes(method: Unlearner, models: ModelStack, data: UnlearnData
 class RandomLabel(Unlearner):
     @dataclass
     class Hparams:
-        fit: dict  # the one optimiser of both passes; epochs = (forget pass + retain pass) repeats
+        fit: FitConfig  # the one optimiser of both passes; epochs = (forget pass + retain pass) repeats
 
     def unlearn(self, models, data, runtime):
         return random_label_passes(self, models, data, runtime)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from unlearnops.config import build_dataclass, choose
+from unlearnops.config import choose
 from unlearnops.data import Part
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
@@ -57,10 +57,9 @@ class SalUn(Unlearner):
     class Hparams:
         saliency_fraction: float  # share of all weights that are trained (largest |gradient|)
         saliency_scope: str  # global (authors) | per_tensor
-        fit: dict  # the one optimiser of both passes; epochs = (forget pass + retain pass) repeats
+        fit: FitConfig  # the one optimiser of both passes; epochs = (forget pass + retain pass) repeats
 
         def __post_init__(self):
-            build_dataclass(FitConfig, self.fit, "methods.salun.fit")
             check_fraction(self.saliency_fraction, "methods.salun.saliency_fraction")
             choose(self.saliency_scope, SCOPES, "methods.salun.saliency_scope")
 

@@ -25,14 +25,12 @@ from conftest import make_setup, tiny
 from unlearnops.condense import condense
 from unlearnops.config import ConfigError
 from unlearnops.methods import UnlearnData, get_method
-from unlearnops.methods import random_label as random_label_module
 from unlearnops.methods.muso import head_matrix, initial_head, muso_relabel, with_ones
-from unlearnops.methods.passes import fit_passes
 from unlearnops.methods.random_label import random_labels
 from unlearnops.methods.scrub import distill_kl, frozen_teacher
 from unlearnops.metrics.epsilon import logit_scaled_confidence
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, Stream, cross_entropy_on, penultimate_features, predict, train_from_scratch
+from unlearnops.training import FitConfig, Phase, Stream, cross_entropy_on, fit, penultimate_features, predict, train_from_scratch
 
 N_RUNS = 4
 TEST_ACCURACY_MARGIN = 0.05
@@ -145,11 +143,12 @@ def test_passes_run_in_schedule_order_for_every_chunk_of_models(tiny_setup):
         return loss
 
     streams = {"a": Stream(data["retain"].x, data["retain"].y, 32), "b": Stream(data["forget"].x, data["forget"].y, 8)}
-    schedule = ["a", "a", "b", "a", "b", "b"]
-    cfg = FitConfig(epochs=99, batch_size=32, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="constant")
+    plan = [["a", "a", "b"], ["a", "b", "b"]]
+    cfg = FitConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="constant")
     two_chunks = dataclasses.replace(runtime, models_per_pass=2)
-    fit_passes(ModelStack.replicate(target, [1, 2, 3, 4]), streams, {"a": tagged("a"), "b": tagged("b")}, schedule, cfg, two_chunks, desc="test")
-    assert seen == schedule + schedule  # cfg.epochs is ignored; each chunk starts the schedule afresh
+    phases = {"a": Phase(tagged("a"), ("a",)), "b": Phase(tagged("b"), ("b",))}
+    fit(ModelStack.replicate(target, [1, 2, 3, 4]), streams, phases, cfg, two_chunks, plan=plan, desc="test")
+    assert seen == 2 * [name for epoch in plan for name in epoch]  # each chunk runs the plan afresh
 
 
 def test_passes_share_one_optimiser(tiny_setup):
@@ -163,9 +162,10 @@ def test_passes_share_one_optimiser(tiny_setup):
 
     cfg = FitConfig(epochs=1, batch_size=32, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, schedule="constant")
     streams = {"retain": Stream(data["retain"].x, data["retain"].y, 32)}
-    fit_passes(
-        ModelStack.replicate(target, [1]), streams, {"push": cross_entropy_on("retain"), "still": still}, ["push", "still"], cfg, runtime,
-        desc="test", after_step=lambda step, index, live: after.append({k: v.clone() for k, v in live.params.items()}),
+    phases = {"push": Phase(cross_entropy_on("retain"), ("retain",)), "still": Phase(still, ("retain",))}
+    fit(
+        ModelStack.replicate(target, [1]), streams, phases, cfg, runtime, plan=[["push", "still"]],
+        desc="test", on_step=lambda step, index, live: after.append({k: v.clone() for k, v in live.params.items()}),
     )
     moved_by_still = max(float((after[1][k] - after[0][k]).abs().max()) for k in after[0])
     assert moved_by_still > 1e-6
@@ -181,16 +181,18 @@ def test_random_labels_are_uniform_over_all_classes_true_one_included():
     assert float((counts - 0.1).abs().max()) < 0.01  # RL.py: torch.randint(0, num_classes, ...)
 
 
-def test_random_label_epochs_are_a_forget_pass_then_a_retain_pass(tiny_setup, monkeypatch):
+def test_random_label_epochs_are_a_forget_pass_then_a_retain_pass(tiny_setup):
     params, data, unlearn_data, target, runtime = tiny_setup
     calls = {}
-    monkeypatch.setattr(random_label_module, "fit_passes", lambda models, streams, losses, schedule, *a, **k: calls.update(streams=streams, schedule=schedule) or models)
-    get_method("random_label", params).unlearn(ModelStack.replicate(target, [0]), unlearn_data, runtime)
+    method = get_method("random_label", params)
+    method.fit = lambda data, models, streams, phases, cfg, runtime, **options: calls.update(streams=streams, phases=phases, plan=options["plan"]) or models
+    method.unlearn(ModelStack.replicate(target, [0]), unlearn_data, runtime)
     cfg = params["methods"]["random_label"]["fit"]
     batch = cfg["batch_size"]
     assert {name: s.batch_size for name, s in calls["streams"].items()} == {"forget": batch, "retain": batch}
+    assert {name: phase.streams for name, phase in calls["phases"].items()} == {"forget": ("forget",), "retain": ("retain",)}
     one_epoch = ["forget"] * -(-len(unlearn_data.forget) // min(batch, len(unlearn_data.forget))) + ["retain"] * -(-len(unlearn_data.retain) // min(batch, len(unlearn_data.retain)))
-    assert calls["schedule"] == one_epoch * cfg["epochs"]
+    assert calls["plan"] == [one_epoch] * cfg["epochs"]
 
 
 def test_salun_keeps_non_salient_weights_exactly_despite_weight_decay_and_momentum(tiny_setup):
@@ -217,7 +219,7 @@ def test_scrub_schedule_puts_max_passes_in_the_first_msteps_epochs(tiny_setup):
     streams = method.streams(unlearn_data)
     max_pass = ["max"] * -(-len(unlearn_data.forget) // 4)
     min_pass = ["min"] * -(-len(unlearn_data.retain) // 64)
-    assert method.schedule(streams) == max_pass + min_pass + max_pass + min_pass + min_pass
+    assert method.schedule(streams) == [max_pass + min_pass, max_pass + min_pass, min_pass]
 
 
 def test_scrub_teacher_lookup_equals_running_the_teacher(tiny_setup):
@@ -244,9 +246,9 @@ def test_scrub_max_step_pushes_forget_outputs_away_from_the_teacher(tiny_setup):
     # At student == teacher the KL sits at its minimum with zero gradient; as in SCRUB's own
     # schedule, min-steps move the student first.
     min_steps = ["min"] * 10
-    students = fit_passes(ModelStack.replicate(target, [0, 1]), streams, {"min": method.min_loss(teacher, retain_y)}, min_steps, cfg, runtime, desc="min")
+    students = fit(ModelStack.replicate(target, [0, 1]), streams, {"min": Phase(method.min_loss(teacher, retain_y), ("retain",))}, dataclasses.replace(cfg, epochs=1), runtime, plan=[min_steps], desc="min")
     before = forget_kl(students)
-    after = forget_kl(fit_passes(students, streams, {"max": method.max_loss(teacher)}, ["max"] * 5, cfg, runtime, desc="max"))
+    after = forget_kl(fit(students, streams, {"max": Phase(method.max_loss(teacher), ("forget",))}, dataclasses.replace(cfg, epochs=1), runtime, plan=[["max"] * 5], desc="max"))
     assert bool((after > before).all()), (before, after)
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.training import FitConfig, fit
+from unlearnops.training import FitConfig
 
 
 def soft_cdf(values: torch.Tensor, sharpness: float, margin: float) -> torch.Tensor:
@@ -90,4 +90,4 @@ class AAmu(Unlearner):
             return F.cross_entropy(forward(xr), yr, reduction="none").pow(2).mean() + hp.lam * mmd
 
         streams = {"retain": self.retain_stream(data), "forget": self.forget_stream(data, hp.sample_factor * cfg.batch_size)}
-        return fit(models, streams, loss, cfg, runtime, driver="retain", desc=self.name)
+        return self.fit(data, models, streams, loss, cfg, runtime, driver="retain", desc=self.name)

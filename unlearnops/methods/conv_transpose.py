@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.methods.retain_passes import check_retain_fraction, retain_streams
+from unlearnops.methods.retain_passes import check_retain_fraction, retain_steps
 from unlearnops.methods.weight_surgery import conv_weight_names, transpose_conv_kernels
-from unlearnops.training import FitConfig, cross_entropy_on, fit
+from unlearnops.training import FitConfig, cross_entropy_on
 
 
 @register("conv_transpose")
@@ -41,5 +41,5 @@ class ConvTranspose(Unlearner):
 
     def unlearn(self, models, data, runtime):
         cfg = self.hp.fit
-        streams, driver = retain_streams(data.retain, cfg.batch_size, self.hp.retain_fraction, data.augment)
-        return fit(self.transpose(models), streams, cross_entropy_on("retain"), cfg, runtime, driver=driver, desc=self.name)
+        steps = retain_steps(len(data.retain), cfg.batch_size, self.hp.retain_fraction)
+        return self.fit(data, self.transpose(models), {"retain": self.retain_stream(data)}, cross_entropy_on("retain"), cfg, runtime, driver="retain", steps_per_epoch=steps, desc=self.name)

@@ -32,10 +32,10 @@ from unlearnops.config import ConfigError, choose
 from unlearnops.data import Part
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.methods.retain_passes import check_retain_fraction, retain_streams
+from unlearnops.methods.retain_passes import check_retain_fraction, retain_steps
 from unlearnops.methods.weight_surgery import conv_weight_names, transpose_conv_kernels
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, Runtime, Stream, cross_entropy_on, fit, predict
+from unlearnops.training import FitConfig, Runtime, Stream, cross_entropy_on, predict
 
 CHANGE_SCORES = ("prob_drop", "kl")
 PSEUDO_LABELS = ("quick", "original_runner_up")
@@ -83,7 +83,7 @@ class ConvTransposePseudo(Unlearner):
         """Step 1 for run 0 only: the transposed original, briefly fine-tuned on retain (one model)."""
         cfg = self.hp.quick_fit
         stream = Stream(data.retain.x, data.retain.y, cfg.batch_size, data.augment)
-        return fit(self.transpose(models.select([0])), {"retain": stream}, cross_entropy_on("retain"), cfg, runtime, driver="retain", desc=f"{self.name} quick")
+        return self.fit(data, self.transpose(models.select([0])), {"retain": stream}, cross_entropy_on("retain"), cfg, runtime, driver="retain", desc=f"{self.name} quick")
 
     def pseudo_labelled(self, models: ModelStack, quick: ModelStack, forget: Part, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 2: indices of the round(pseudo_fraction * |forget|) forget samples (at least one)
@@ -104,6 +104,6 @@ class ConvTransposePseudo(Unlearner):
             return F.cross_entropy(forward(xr), yr) + weight * F.cross_entropy(forward(xp), yp)
 
         cfg = self.hp.fit
-        streams, driver = retain_streams(data.retain, cfg.batch_size, self.hp.retain_fraction, data.augment)
-        streams["pseudo"] = Stream(data.forget.x[chosen], labels, self.hp.pseudo_batch_size, data.augment)
-        return fit(transposed, streams, loss, cfg, runtime, driver=driver, desc=self.name)
+        streams = {"retain": self.retain_stream(data), "pseudo": Stream(data.forget.x[chosen], labels, self.hp.pseudo_batch_size, data.augment)}
+        steps = retain_steps(len(data.retain), cfg.batch_size, self.hp.retain_fraction)
+        return self.fit(data, transposed, streams, loss, cfg, runtime, driver="retain", steps_per_epoch=steps, desc=self.name)

@@ -35,11 +35,11 @@ from torch.func import functional_call, vmap
 from unlearnops.config import ConfigError
 from unlearnops.methods import register
 from unlearnops.methods.base import UnlearnData, Unlearner
-from unlearnops.methods.retain_passes import check_retain_fraction, retain_streams
+from unlearnops.methods.retain_passes import check_retain_fraction, retain_steps
 from unlearnops.methods.weight_surgery import conv_weight_names, fraction_masks, model_generators, stacked_draw
 from unlearnops.nets import build_model
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, Runtime, cross_entropy_on, fit
+from unlearnops.training import FitConfig, Runtime, cross_entropy_on
 
 SUBSAMPLE_SALT, REINIT_SALT = 1, 2  # separate random streams for the two draws
 
@@ -129,5 +129,5 @@ class GradReinit(Unlearner):
         # Only conv weights are scaled: kept ones by kept_lr_factor, reset ones not at all.
         grad_scale = {name: torch.where(mask, 1.0, self.hp.kept_lr_factor) for name, mask in masks.items()}
         cfg = self.hp.fit
-        streams, driver = retain_streams(data.retain, cfg.batch_size, self.hp.retain_fraction, data.augment)
-        return fit(models, streams, cross_entropy_on("retain"), cfg, runtime, driver=driver, desc=self.name, grad_scale=grad_scale)
+        steps = retain_steps(len(data.retain), cfg.batch_size, self.hp.retain_fraction)
+        return self.fit(data, models, {"retain": self.retain_stream(data)}, cross_entropy_on("retain"), cfg, runtime, driver="retain", steps_per_epoch=steps, desc=self.name, grad_scale=grad_scale)

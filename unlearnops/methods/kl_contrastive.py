@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from unlearnops.config import ConfigError, choose
 from unlearnops.methods import register
 from unlearnops.methods.base import UnlearnData, Unlearner
-from unlearnops.methods.retain_passes import check_retain_fraction, reseeded, retain_streams
+from unlearnops.methods.retain_passes import check_retain_fraction, reseeded, retain_steps
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, Runtime, Stream, cross_entropy_on, fit
+from unlearnops.training import FitConfig, Runtime, Stream, cross_entropy_on
 
 
 def kl_from_uniform(logits):
@@ -83,7 +83,7 @@ class KLContrastive(Unlearner):
         def loss(forward, batches):
             return kl_from_uniform(forward(batches["forget"][0]))
 
-        return fit(models, {"forget": self.forget_stream(data, cfg.batch_size)}, loss, cfg, runtime, driver="forget", desc=f"{self.name} uniform")
+        return self.fit(data, models, {"forget": self.forget_stream(data, cfg.batch_size)}, loss, cfg, runtime, driver="forget", desc=f"{self.name} uniform")
 
     def contrast_lr(self, round_index: int, n_forget: int) -> float:
         """The shared cosine schedule's learning rate for round `round_index`'s contrastive pass."""
@@ -107,22 +107,26 @@ class KLContrastive(Unlearner):
             "forget": self.forget_stream(data, cfg.batch_size),
             "negatives": Stream(data.retain.x, data.retain.y, self.hp.negatives_batch_size, data.augment),
         }
-        return fit(models, streams, loss, cfg, runtime, driver="forget", desc=f"{self.name} contrast")
+        return self.fit(data, models, streams, loss, cfg, runtime, driver="forget", desc=f"{self.name} contrast")
 
     def retain_round(self, models: ModelStack, data: UnlearnData, runtime: Runtime) -> ModelStack:
-        """Step 2b: cross-entropy over `retain_fraction` of retain."""
-        cfg: FitConfig = self.hp.retain_round
-        streams, driver = retain_streams(data.retain, cfg.batch_size, self.hp.retain_fraction, data.augment)
-        return fit(models, streams, cross_entropy_on("retain"), cfg, runtime, driver=driver, desc=f"{self.name} retain")
+        """Step 2b: cross-entropy over `retain_fraction` of retain. (retain_round.stop_patience is
+        the rounds' stopping rule, `unlearn`; within a round the pass runs whole.)"""
+        cfg = replace(self.hp.retain_round, stop_patience=0)
+        steps = retain_steps(len(data.retain), cfg.batch_size, self.hp.retain_fraction)
+        return self.fit(data, models, {"retain": self.retain_stream(data, cfg.batch_size)}, cross_entropy_on("retain"), cfg, runtime, driver="retain", steps_per_epoch=steps, desc=f"{self.name} retain")
 
     def unlearn(self, models, data, runtime):
         if len(data.forget) == 0:
             raise ValueError("kl_contrastive needs a non-empty forget set")
         seeds = models.seeds
         models = self.push_to_uniform(models, data, runtime)
-        for r in range(self.hp.rounds):
+
+        def one_round(r: int, models: ModelStack) -> ModelStack:
             # Each round its own data order (negatives and retain), as the authors' loaders reshuffle.
             models = reseeded(replace(models, seeds=seeds), r)
-            models = self.contrastive_pass(models, data, runtime, r)
-            models = self.retain_round(models, data, runtime)
+            return self.retain_round(self.contrastive_pass(models, data, runtime, r), data, runtime)
+
+        # With retain_round.stop_patience > 0 a run's rounds stop once its accuracies converged.
+        models = self.rounds(data, models, self.hp.rounds, one_round, self.hp.retain_round, runtime, desc=f"{self.name} rounds")
         return replace(models, seeds=seeds)

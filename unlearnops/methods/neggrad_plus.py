@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.training import FitConfig, fit
+from unlearnops.training import FitConfig
 
 
 @register("neggrad_plus")
@@ -37,4 +37,4 @@ class NegGradPlus(Unlearner):
             return alpha * F.cross_entropy(forward(xr), yr) - (1 - alpha) * F.cross_entropy(forward(xf), yf)
 
         streams = {"retain": self.retain_stream(data), "forget": self.forget_stream(data, self.hp.forget_batch_size)}
-        return fit(models, streams, loss, self.hp.fit, runtime, driver="retain", desc=self.name)
+        return self.fit(data, models, streams, loss, self.hp.fit, runtime, driver="retain", desc=self.name)

@@ -27,9 +27,8 @@ import torch.nn.functional as F
 
 from unlearnops.methods import register
 from unlearnops.methods.base import UnlearnData, Unlearner
-from unlearnops.methods.passes import StepHook, fit_passes, steps_per_pass
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, Runtime, cross_entropy_on
+from unlearnops.training import FitConfig, Phase, Runtime, StepHook, cross_entropy_on, steps_per_pass
 
 
 def random_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -38,8 +37,9 @@ def random_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.randint_like(y, 0, num_classes)
 
 
-def random_label_passes(method: Unlearner, models: ModelStack, data: UnlearnData, runtime: Runtime, grad_scale=None, after_step: StepHook | None = None) -> ModelStack:
-    """RL.py's loop: per epoch a random-label pass over forget, then a pass over retain."""
+def random_label_passes(method: Unlearner, models: ModelStack, data: UnlearnData, runtime: Runtime, grad_scale=None, on_step: StepHook | None = None) -> ModelStack:
+    """RL.py's loop: per epoch a random-label pass over forget, then a pass over retain, with one
+    optimiser (one engine fit whose epochs are the two passes)."""
     cfg = method.hp.fit
     classes = data.num_classes
 
@@ -48,9 +48,9 @@ def random_label_passes(method: Unlearner, models: ModelStack, data: UnlearnData
         return F.cross_entropy(forward(x), random_labels(y, classes))
 
     streams = {"forget": method.forget_stream(data, cfg.batch_size), "retain": method.retain_stream(data)}
+    phases = {"forget": Phase(forget_loss, ("forget",)), "retain": Phase(cross_entropy_on("retain"), ("retain",))}
     one_epoch = ["forget"] * steps_per_pass(streams["forget"]) + ["retain"] * steps_per_pass(streams["retain"])
-    losses = {"forget": forget_loss, "retain": cross_entropy_on("retain")}
-    return fit_passes(models, streams, losses, one_epoch * cfg.epochs, cfg, runtime, desc=method.name, grad_scale=grad_scale, after_step=after_step)
+    return method.fit(data, models, streams, phases, cfg, runtime, plan=[one_epoch] * cfg.epochs, desc=method.name, grad_scale=grad_scale, on_step=on_step)
 
 
 @register("random_label")

@@ -80,4 +80,4 @@ class SalUn(Unlearner):
                     live.params[name].copy_(torch.where(mask[index], live.params[name], original[name][index]))
 
         grad_scale = {name: mask.float() for name, mask in masks.items()}
-        return random_label_passes(self, models, data, runtime, grad_scale=grad_scale, after_step=restore_frozen)
+        return random_label_passes(self, models, data, runtime, grad_scale=grad_scale, on_step=restore_frozen)

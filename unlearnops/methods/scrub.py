@@ -26,9 +26,8 @@ from torch import nn
 from unlearnops.config import ConfigError
 from unlearnops.methods import register
 from unlearnops.methods.base import UnlearnData, Unlearner
-from unlearnops.methods.passes import fit_passes, steps_per_pass
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, LossFn, Runtime, Stream, predict
+from unlearnops.training import FitConfig, LossFn, Phase, Runtime, Stream, predict, steps_per_pass
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -109,16 +108,16 @@ class Scrub(Unlearner):
             "retain": Stream(data.retain.x, positions(data.retain), self.hp.fit.batch_size, data.augment),
         }
 
-    def schedule(self, streams: dict[str, Stream]) -> list[str]:
-        """The notebook's loop: epoch e (from 1) is a max pass over forget if e <= msteps, then a min pass over retain."""
+    def schedule(self, streams: dict[str, Stream]) -> list[list[str]]:
+        """The notebook's loop, per epoch: epoch e (from 1) is a max pass over forget if e <= msteps, then a min pass over retain."""
         max_pass, min_pass = ["max"] * steps_per_pass(streams["forget"]), ["min"] * steps_per_pass(streams["retain"])
-        return [step for epoch in range(1, self.hp.fit.epochs + 1) for step in (max_pass if epoch <= self.hp.msteps else []) + min_pass]
+        return [(max_pass if epoch <= self.hp.msteps else []) + min_pass for epoch in range(1, self.hp.fit.epochs + 1)]
 
     def scrub(self, students: ModelStack, original: ModelStack, data: UnlearnData, runtime: Runtime) -> ModelStack:
         teacher = self.teacher_outputs(original, data, runtime)
         streams = self.streams(data)
-        losses = {"max": self.max_loss(teacher), "min": self.min_loss(teacher, data.retain.y.to(runtime.device))}
-        return fit_passes(students, streams, losses, self.schedule(streams), self.hp.fit, runtime, desc=self.name)
+        phases = {"max": Phase(self.max_loss(teacher), ("forget",)), "min": Phase(self.min_loss(teacher, data.retain.y.to(runtime.device)), ("retain",))}
+        return self.fit(data, students, streams, phases, self.hp.fit, runtime, plan=self.schedule(streams), desc=self.name)
 
     def unlearn(self, models, data, runtime):
         if self.hp.msteps > 0 and len(data.forget) == 0:

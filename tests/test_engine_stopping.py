@@ -35,8 +35,9 @@ def spec(repo_params) -> dict:
 
 @pytest.fixture(scope="module")
 def finetune_cfg(repo_params) -> FitConfig:
-    """params.yaml's methods.finetune.fit with the stopping rule switched on."""
-    return build_dataclass(FitConfig, {**repo_params["methods"]["finetune"]["fit"], "stop_patience": PATIENCE}, "methods.finetune.fit")
+    """Fine-tuning as the engine's tests know it (params.yaml's train.fit, 2 epochs) with the stopping
+    rule switched on. (methods.finetune.fit's batch 16 x 1 epoch leaves the rule nothing to do.)"""
+    return build_dataclass(FitConfig, {**repo_params["train"]["fit"], "epochs": 2, "stop_patience": PATIENCE}, "train.fit")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_a_model_stops_where_the_rule_says_and_stays_there(start, parts, finetun
     """Against the same fine-tuning without the rule, recorded after every epoch: each model is
     its state at the first epoch that ends `patience` epochs of accuracy changes below the
     tolerance (BatchNorm statistics included), and fit ends once all models stopped. Over 6
-    epochs: finetune's default 2 leave the rule no room to stop models at different epochs."""
+    epochs: 2 leave the rule no room to stop models at different epochs."""
     cfg = FitConfig(**{**finetune_cfg.__dict__, "epochs": 6})
     history = [start]
     record = lambda epoch, index, models: history.append(ModelStack(models.spec, {k: v.clone() for k, v in models.params.items()}, {k: v.clone() for k, v in models.buffers.items()}, models.seeds))  # noqa: E731
@@ -127,10 +128,10 @@ def test_unlearner_fit_monitors_retain_and_validation(start, parts, finetune_cfg
 
         @dataclass
         class Hparams:
-            fit: dict
+            fit: FitConfig
 
         def unlearn(self, models, data, runtime):
-            return self.fit(data, models, {"retain": self.retain_stream(data)}, cross_entropy_on("retain"), self.fit_config(), runtime, driver="retain", desc="finetune")
+            return self.fit(data, models, {"retain": self.retain_stream(data)}, cross_entropy_on("retain"), self.hp.fit, runtime, driver="retain", desc="finetune")
 
     def part(name):
         x, y = parts[name]
@@ -159,3 +160,40 @@ def test_finetune_reaches_the_stopping_rule_through_its_params(tiny_setup, one_t
     method.unlearn(ModelStack.replicate(target, [2000, 2001]), unlearn_data, runtime)
     (desc, epochs), = method.fit_epochs
     assert desc == "finetune" and epochs.shape == (2,) and bool(((epochs >= PATIENCE) & (epochs <= 6)).all())
+
+
+# Each kind of fit a method makes: one loss over retain (grad_reinit, a competition method),
+# passes with one optimiser (scrub: max and min passes), rounds of several fits (kl_contrastive).
+STOPPING_SECTIONS = {"grad_reinit": ("fit", "epochs"), "scrub": ("fit", "epochs"), "kl_contrastive": ("retain_round", None)}
+
+
+@pytest.mark.parametrize("name", list(STOPPING_SECTIONS))
+def test_the_stopping_rule_takes_effect_in_every_kind_of_method_fit(name, tiny_setup, one_thread):
+    """params.yaml's methods.<name>.<section>.stop_patience is the switch: with it on, every run
+    stops before the most epochs (rounds) it may train, and the method records what each run
+    trained; off, every run trains them all. The tolerance is 0.05 here: the tiny data set's
+    validation part has 40 samples, one of which is 0.025 of accuracy."""
+    import copy
+
+    from unlearnops.methods import get_method
+
+    params, _, unlearn_data, target, runtime = tiny_setup
+    section, epochs_key = STOPPING_SECTIONS[name]
+    most = 6
+    params = copy.deepcopy(params)
+    hp = params["methods"][name]
+    if epochs_key:
+        hp[section][epochs_key] = most
+    else:
+        hp["rounds"] = most
+    seeds = [2000, 2001]
+
+    def trained(patience: int) -> torch.Tensor:
+        hp[section].update(stop_patience=patience, stop_tolerance=0.05)
+        method = get_method(name, params)
+        method.unlearn(ModelStack.replicate(target, seeds), unlearn_data, runtime)
+        return method.fit_epochs[-1][1]
+
+    assert trained(0).tolist() == [most] * len(seeds)
+    stopped = trained(1)
+    assert bool(((stopped >= 1) & (stopped < most)).all()), stopped

@@ -20,13 +20,13 @@ from conftest import accuracy
 from unlearnops import nets
 from unlearnops.config import ConfigError
 from unlearnops.methods import get_method
-from unlearnops.methods.conv_perturb import balanced_class_weights, batch_weighted_cross_entropy, epoch_lr, perturb_conv
+from unlearnops.methods.conv_perturb import balanced_class_weights, batch_weighted_cross_entropy, perturb_conv
 from unlearnops.methods.grad_reinit import gradient_information, reinitialise, retain_subsample
 from unlearnops.methods.kl_contrastive import kl_from_uniform
-from unlearnops.methods.retain_passes import CLOCK, retain_streams
+from unlearnops.methods.retain_passes import retain_steps
 from unlearnops.methods.weight_surgery import conv_weight_names
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, Stream, predict, train_from_scratch
+from unlearnops.training import FitConfig, Stream, _lr_lambda, cross_entropy_on, fit, predict, train_from_scratch
 
 METHODS = ["kl_contrastive", "grad_reinit", "conv_perturb", "scrub"]
 SEEDS = [2000, 2001, 2002, 2003]
@@ -132,7 +132,7 @@ def test_kl_phase_makes_forget_outputs_less_confident(tiny_setup):
 def test_contrastive_passes_share_one_cosine_schedule(tiny_params):
     """Round r's lr is torch's CosineAnnealingLR over all rounds' forget steps, at round r's step."""
     method = get_method("kl_contrastive", tiny_params)
-    cfg, rounds = method.fit_config("contrast"), method.hp.rounds
+    cfg, rounds = method.hp.contrast, method.hp.rounds
     weight = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.SGD([weight], lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=rounds, eta_min=method.hp.eta_min)
@@ -142,14 +142,20 @@ def test_contrastive_passes_share_one_cosine_schedule(tiny_params):
         scheduler.step()
 
 
-def test_partial_retain_passes_visit_the_fraction_each_model_its_own_part(tiny_setup):
-    _, data, _, _, _ = tiny_setup
+def test_partial_retain_passes_take_the_fraction_of_the_steps(tiny_setup):
+    """retain_fraction x the batches of a pass, and the engine's steps_per_epoch runs exactly
+    that many steps per epoch, drawn from all of retain (the shuffle continuing across epochs)."""
+    _, data, _, target, runtime = tiny_setup
     retain = data["retain"]
-    streams, driver = retain_streams(retain, 16, 0.5, augment=False)
-    assert driver == CLOCK and len(streams[CLOCK]) == 16 * round(0.5 * -(-len(retain) // 16))
-    assert streams["retain"].x is retain.x  # every model draws from all of retain
-    streams, driver = retain_streams(retain, 16, 1.0, augment=False)
-    assert driver == "retain" and list(streams) == ["retain"]
+    batches = -(-len(retain) // 16)
+    assert retain_steps(len(retain), 16, 0.5) == round(0.5 * batches) and retain_steps(len(retain), 16, 1.0) == batches
+    cfg = FitConfig(epochs=2, batch_size=16, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="constant")
+    steps, epochs = [], []
+    fit(
+        ModelStack.replicate(target, [0, 1]), {"retain": Stream(retain.x, retain.y, 16)}, cross_entropy_on("retain"), cfg, runtime, driver="retain",
+        steps_per_epoch=retain_steps(len(retain), 16, 0.5), on_step=lambda n, index, live: steps.append(n), on_epoch_end=lambda e, index, live: epochs.append((e, len(steps))),
+    )
+    assert epochs == [(1, round(0.5 * batches)), (2, 2 * round(0.5 * batches))]
 
 
 def test_contrastive_pass_lowers_the_contrastive_loss(tiny_setup):
@@ -264,14 +270,21 @@ def test_class_weighting_is_the_authors_balanced_batch_scale():
     assert torch.allclose(batch_weighted_cross_entropy(logits, batch, weights), expected)
 
 
-def test_conv_perturb_schedule_steps_per_epoch_like_torch_cosine(tiny_params):
-    cfg = get_method("conv_perturb", tiny_params).fit_config()
-    cfg = FitConfig(**{**vars(cfg), "epochs": 4})
+def test_conv_perturb_schedule_steps_per_epoch_like_torch_cosine(tiny_setup):
+    """conv_perturb fits with the engine's per-epoch schedule, whose epoch e is torch's
+    CosineAnnealingLR stepped once per epoch."""
+    params, _, unlearn_data, target, runtime = tiny_setup
+    method = get_method("conv_perturb", params)
+    seen = {}
+    method.fit = lambda data, models, streams, loss, cfg, runtime, **options: seen.update(options) or models
+    method.unlearn(start(target), unlearn_data, runtime)
+    assert seen["schedule_per_epoch"] is True
+    cfg = FitConfig(**{**vars(method.hp.fit), "epochs": 4})
     weight = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.SGD([weight], lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     for epoch in range(cfg.epochs):
-        assert epoch_lr(cfg, epoch) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
+        assert cfg.lr * _lr_lambda(cfg, cfg.epochs)(epoch) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
         optimizer.step()
         scheduler.step()
 

@@ -25,17 +25,16 @@ from conftest import make_setup, tiny
 from unlearnops.condense import condense
 from unlearnops.config import ConfigError
 from unlearnops.methods import UnlearnData, get_method
-from unlearnops.methods import random_label as random_label_module
 from unlearnops.methods.muso import head_matrix, initial_head, muso_relabel, with_ones
-from unlearnops.methods.passes import fit_passes
 from unlearnops.methods.random_label import random_labels
 from unlearnops.methods.scrub import distill_kl, frozen_teacher
 from unlearnops.metrics.epsilon import logit_scaled_confidence
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, Stream, cross_entropy_on, penultimate_features, predict, train_from_scratch
+from unlearnops.training import FitConfig, Phase, Stream, cross_entropy_on, fit, penultimate_features, predict, train_from_scratch
 
 N_RUNS = 4
 TEST_ACCURACY_MARGIN = 0.05
+FORGET_SLACK = 0.10  # forget accuracy, on the default setting's 25 forget samples: 2.5 samples
 
 
 def unlearn_seeds(params: dict) -> list[int]:
@@ -43,10 +42,11 @@ def unlearn_seeds(params: dict) -> list[int]:
 
 
 def summary(stack, data, runtime) -> dict[str, float]:
-    """Mean test accuracy and mean forget confidence (logit-scaled) over the stack's models."""
+    """Mean test accuracy, forget accuracy and forget confidence (logit-scaled) over the stack's models."""
     test_logits, forget_logits = predict(stack, data["test"].x, runtime), predict(stack, data["forget"].x, runtime)
     return {
         "test": float((test_logits.argmax(-1) == data["test"].y).float().mean()),
+        "forget": float((forget_logits.argmax(-1) == data["forget"].y).float().mean()),
         "confidence": float(np.mean(logit_scaled_confidence(forget_logits.numpy(), data["forget"].y.numpy()))),
     }
 
@@ -71,9 +71,14 @@ def run_default(name: str, setup, retain=None):
 
 
 def check_against_retraining(got: dict, reference: dict, got_on_class: dict, class_reference: dict) -> None:
-    """Test accuracy on the default setting; forget confidence on the class setting."""
+    """Test accuracy on the default setting, and no over-forgetting there: forget accuracy no
+    farther from the retrained models' than the target's is, plus FORGET_SLACK (random labels can
+    push a random forget set's accuracy far below the retrained models', who still generalise to
+    it); forget confidence on the class setting."""
     print(f"\ntarget {reference['target']}\nretrained {reference['retrained']}\nmethod {got}")
     assert abs(got["test"] - reference["retrained"]["test"]) <= TEST_ACCURACY_MARGIN
+    target_gap = abs(reference["target"]["forget"] - reference["retrained"]["forget"])
+    assert abs(got["forget"] - reference["retrained"]["forget"]) <= target_gap + FORGET_SLACK
     target, retrained = class_reference["target"], class_reference["retrained"]
     print(f"class setting: target {target}\nretrained {retrained}\nmethod {got_on_class}")
     assert abs(got_on_class["confidence"] - retrained["confidence"]) < abs(target["confidence"] - retrained["confidence"])
@@ -82,14 +87,7 @@ def check_against_retraining(got: dict, reference: dict, got_on_class: dict, cla
 # ------------------------------------------------------------------ whole methods, defaults
 
 
-# Known finding (issue 11 stays open on it): at their defaults these three do not forget a whole
-# class; their forget confidence on class 0 rises above the target's (e.g. finetune 7.7 -> 8.9,
-# retrained -10.9). Strict: the day they pass, the mark must go.
-NO_CLASS_FORGETTING = pytest.mark.xfail(strict=True, reason="at its defaults it does not move a whole class's forget confidence toward retraining")
-
-
-@pytest.mark.parametrize("name", [pytest.param("finetune", marks=NO_CLASS_FORGETTING), "neggrad_plus", pytest.param("random_label", marks=NO_CLASS_FORGETTING),
-                                  pytest.param("salun", marks=NO_CLASS_FORGETTING), "scrub", "layered"])
+@pytest.mark.parametrize("name", ["finetune", "neggrad_plus", "random_label", "salun", "scrub", "layered"])
 def test_default_method_keeps_test_accuracy_and_moves_forget_confidence_toward_retraining(name, digits_default_setup, reference, digits_class_setup, class_reference, one_thread):
     got = summary(run_default(name, digits_default_setup), digits_default_setup[1], digits_default_setup[-1])
     got_on_class = summary(run_default(name, digits_class_setup), digits_class_setup[1], digits_class_setup[-1])
@@ -145,11 +143,12 @@ def test_passes_run_in_schedule_order_for_every_chunk_of_models(tiny_setup):
         return loss
 
     streams = {"a": Stream(data["retain"].x, data["retain"].y, 32), "b": Stream(data["forget"].x, data["forget"].y, 8)}
-    schedule = ["a", "a", "b", "a", "b", "b"]
-    cfg = FitConfig(epochs=99, batch_size=32, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="constant")
+    plan = [["a", "a", "b"], ["a", "b", "b"]]
+    cfg = FitConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="constant")
     two_chunks = dataclasses.replace(runtime, models_per_pass=2)
-    fit_passes(ModelStack.replicate(target, [1, 2, 3, 4]), streams, {"a": tagged("a"), "b": tagged("b")}, schedule, cfg, two_chunks, desc="test")
-    assert seen == schedule + schedule  # cfg.epochs is ignored; each chunk starts the schedule afresh
+    phases = {"a": Phase(tagged("a"), ("a",)), "b": Phase(tagged("b"), ("b",))}
+    fit(ModelStack.replicate(target, [1, 2, 3, 4]), streams, phases, cfg, two_chunks, plan=plan, desc="test")
+    assert seen == 2 * [name for epoch in plan for name in epoch]  # each chunk runs the plan afresh
 
 
 def test_passes_share_one_optimiser(tiny_setup):
@@ -163,9 +162,10 @@ def test_passes_share_one_optimiser(tiny_setup):
 
     cfg = FitConfig(epochs=1, batch_size=32, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, schedule="constant")
     streams = {"retain": Stream(data["retain"].x, data["retain"].y, 32)}
-    fit_passes(
-        ModelStack.replicate(target, [1]), streams, {"push": cross_entropy_on("retain"), "still": still}, ["push", "still"], cfg, runtime,
-        desc="test", after_step=lambda step, index, live: after.append({k: v.clone() for k, v in live.params.items()}),
+    phases = {"push": Phase(cross_entropy_on("retain"), ("retain",)), "still": Phase(still, ("retain",))}
+    fit(
+        ModelStack.replicate(target, [1]), streams, phases, cfg, runtime, plan=[["push", "still"]],
+        desc="test", on_step=lambda step, index, live: after.append({k: v.clone() for k, v in live.params.items()}),
     )
     moved_by_still = max(float((after[1][k] - after[0][k]).abs().max()) for k in after[0])
     assert moved_by_still > 1e-6
@@ -181,16 +181,18 @@ def test_random_labels_are_uniform_over_all_classes_true_one_included():
     assert float((counts - 0.1).abs().max()) < 0.01  # RL.py: torch.randint(0, num_classes, ...)
 
 
-def test_random_label_epochs_are_a_forget_pass_then_a_retain_pass(tiny_setup, monkeypatch):
+def test_random_label_epochs_are_a_forget_pass_then_a_retain_pass(tiny_setup):
     params, data, unlearn_data, target, runtime = tiny_setup
     calls = {}
-    monkeypatch.setattr(random_label_module, "fit_passes", lambda models, streams, losses, schedule, *a, **k: calls.update(streams=streams, schedule=schedule) or models)
-    get_method("random_label", params).unlearn(ModelStack.replicate(target, [0]), unlearn_data, runtime)
+    method = get_method("random_label", params)
+    method.fit = lambda data, models, streams, phases, cfg, runtime, **options: calls.update(streams=streams, phases=phases, plan=options["plan"]) or models
+    method.unlearn(ModelStack.replicate(target, [0]), unlearn_data, runtime)
     cfg = params["methods"]["random_label"]["fit"]
     batch = cfg["batch_size"]
     assert {name: s.batch_size for name, s in calls["streams"].items()} == {"forget": batch, "retain": batch}
+    assert {name: phase.streams for name, phase in calls["phases"].items()} == {"forget": ("forget",), "retain": ("retain",)}
     one_epoch = ["forget"] * -(-len(unlearn_data.forget) // min(batch, len(unlearn_data.forget))) + ["retain"] * -(-len(unlearn_data.retain) // min(batch, len(unlearn_data.retain)))
-    assert calls["schedule"] == one_epoch * cfg["epochs"]
+    assert calls["plan"] == [one_epoch] * cfg["epochs"]
 
 
 def test_salun_keeps_non_salient_weights_exactly_despite_weight_decay_and_momentum(tiny_setup):
@@ -217,7 +219,7 @@ def test_scrub_schedule_puts_max_passes_in_the_first_msteps_epochs(tiny_setup):
     streams = method.streams(unlearn_data)
     max_pass = ["max"] * -(-len(unlearn_data.forget) // 4)
     min_pass = ["min"] * -(-len(unlearn_data.retain) // 64)
-    assert method.schedule(streams) == max_pass + min_pass + max_pass + min_pass + min_pass
+    assert method.schedule(streams) == [max_pass + min_pass, max_pass + min_pass, min_pass]
 
 
 def test_scrub_teacher_lookup_equals_running_the_teacher(tiny_setup):
@@ -235,7 +237,7 @@ def test_scrub_max_step_pushes_forget_outputs_away_from_the_teacher(tiny_setup):
     method = get_method("scrub", params)
     teacher = method.teacher_outputs(target, unlearn_data, runtime)
     teacher_logits = predict(target, data["forget"].x, runtime)[0]
-    streams, cfg = method.streams(unlearn_data), method.fit_config()
+    streams, cfg = method.streams(unlearn_data), method.hp.fit
     retain_y = data["retain"].y
 
     def forget_kl(stack):
@@ -244,9 +246,9 @@ def test_scrub_max_step_pushes_forget_outputs_away_from_the_teacher(tiny_setup):
     # At student == teacher the KL sits at its minimum with zero gradient; as in SCRUB's own
     # schedule, min-steps move the student first.
     min_steps = ["min"] * 10
-    students = fit_passes(ModelStack.replicate(target, [0, 1]), streams, {"min": method.min_loss(teacher, retain_y)}, min_steps, cfg, runtime, desc="min")
+    students = fit(ModelStack.replicate(target, [0, 1]), streams, {"min": Phase(method.min_loss(teacher, retain_y), ("retain",))}, dataclasses.replace(cfg, epochs=1), runtime, plan=[min_steps], desc="min")
     before = forget_kl(students)
-    after = forget_kl(fit_passes(students, streams, {"max": method.max_loss(teacher)}, ["max"] * 5, cfg, runtime, desc="max"))
+    after = forget_kl(fit(students, streams, {"max": Phase(method.max_loss(teacher), ("forget",))}, dataclasses.replace(cfg, epochs=1), runtime, plan=[["max"] * 5], desc="max"))
     assert bool((after > before).all()), (before, after)
 
 

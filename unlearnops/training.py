@@ -21,9 +21,14 @@ How the N forwards run, chosen automatically (benchmarks/README.md has the numbe
 - A single model (N=1, a production run) skips vmap: the plain module, compiled on CUDA.
 
 Methods express their training as a loss over named batches (`retain`, `forget`, ...), so the
-same engine runs finetuning, NegGrad+, random labels, ... for all N models at once. With
-`stop_patience` in the fit config (`Monitor`), each model stops once its accuracy on the
-monitored parts has converged (the seed study's rule), independently of its companions.
+same engine runs finetuning, NegGrad+, random labels, ... for all N models at once. A method
+whose epochs are passes over different data with one optimiser (SCRUB's max and min passes,
+random labels' forget and retain passes) gives `fit` a `Phase` per kind of step and a plan of
+phases per epoch; a method that acts on the live models between steps (SalUn's frozen weights,
+MUSO's relabelling) or epochs (conv_perturb's re-perturbation) hooks in with `on_step` /
+`on_epoch_end`. With `stop_patience` in the fit config (`Monitor`), each model stops at the end
+of the epoch at which its accuracy on the monitored parts has converged (the seed study's rule),
+independently of its companions.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from torch._C._functorch import _add_batch_dim, _remove_batch_dim, maybe_get_lev
 from torch.func import functional_call, vmap
 
 from unlearnops import progress
-from unlearnops.config import ConfigError, choose
+from unlearnops.config import ConfigError, FieldError, choose
 from unlearnops.nets import build_model, without_head
 from unlearnops.stack import ModelStack
 
@@ -55,6 +60,19 @@ SCHEDULES = ("constant", "cosine", "linear")
 LossFn = Callable[[Callable[[torch.Tensor], torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]
 # Called after every epoch with (epoch number from 1, which models of the stack, those models).
 EpochHook = Callable[[int, slice, ModelStack], None]
+# Called after every optimiser step with (steps done so far, from 1; which models; those live
+# models: their tensors are the ones being trained, so the hook may change them in place).
+StepHook = Callable[[int, slice, ModelStack], None]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One kind of step of a fit with several passes: its loss, and the streams its batches come
+    from (a step draws a batch from these streams only, so a pass over a stream sees each of
+    its samples once, in its own shuffled order, however the passes interleave)."""
+
+    loss: LossFn
+    streams: tuple[str, ...]
 
 
 @dataclass
@@ -75,14 +93,16 @@ class FitConfig:
     stop_tolerance: float = 0.0
 
     def __post_init__(self):
-        choose(self.optimizer, OPTIMIZERS, "optimizer")
-        choose(self.schedule, SCHEDULES, "lr schedule")
-        if self.epochs < 0 or self.batch_size < 1 or self.lr < 0:
-            raise ConfigError(f"bad training settings: epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}")
-        if self.stop_patience < 0:
-            raise ConfigError(f"stop_patience must be >= 0 (0 = off), got {self.stop_patience}")
+        for field, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if getattr(self, field) not in allowed:
+                raise FieldError(field, f"unknown value '{getattr(self, field)}'; allowed: {', '.join(allowed)}")
+        for field, least in (("epochs", 0), ("batch_size", 1), ("lr", 0), ("momentum", 0), ("weight_decay", 0), ("stop_patience", 0)):
+            if getattr(self, field) < least:
+                raise FieldError(field, f"must be >= {least}, got {getattr(self, field)}")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise FieldError("warmup_fraction", f"must be in [0, 1], got {self.warmup_fraction}")
         if self.stop_patience > 0 and not self.stop_tolerance > 0:
-            raise ConfigError(f"stop_patience={self.stop_patience} needs stop_tolerance > 0, got {self.stop_tolerance}")
+            raise FieldError("stop_tolerance", f"stop_patience={self.stop_patience} needs stop_tolerance > 0, got {self.stop_tolerance}")
 
 
 @dataclass
@@ -214,11 +234,11 @@ def _lr_lambda(cfg: FitConfig, total_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
+        done = (step - warmup) / max(1, total_steps - warmup)
         if cfg.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
+            return 0.5 * (1 + math.cos(math.pi * done))
         if cfg.schedule == "linear":
-            return max(0.0, 1 - progress)
+            return max(0.0, 1 - done)
         return 1.0
 
     return factor
@@ -366,39 +386,74 @@ def _models_channels_last(x: torch.Tensor) -> torch.Tensor:
 def fit(
     stack: ModelStack,
     streams: dict[str, Stream],
-    loss_fn: LossFn,
+    loss: LossFn | dict[str, Phase],
     cfg: FitConfig,
     runtime: Runtime,
     *,
-    driver: str,
+    driver: str | None = None,
+    steps_per_epoch: int | None = None,
+    plan: list[list[str]] | None = None,
+    schedule_per_epoch: bool = False,
     desc: str = "train",
     grad_scale: dict[str, torch.Tensor] | None = None,
+    on_step: StepHook | None = None,
+    on_epoch_start: EpochHook | None = None,
     on_epoch_end: EpochHook | None = None,
     monitor: Monitor | None = None,
 ) -> ModelStack:
-    """Train every model of `stack` for cfg.epochs passes over the `driver` stream.
+    """Train every model of `stack` for cfg.epochs epochs with ONE optimiser.
 
-    Each step draws one batch per stream per model (other streams cycle). `grad_scale`
-    multiplies gradients elementwise (masks for SalUn, 1/10 learning rate for kept weights...).
-    Models are trained `runtime.models_per_pass` at a time to bound memory. `on_epoch_end`, if
-    given, sees the models after every epoch (e.g. to measure accuracy along the way).
-    `monitor` carries the parts the stopping rule watches (cfg.stop_patience > 0 needs one) and
-    receives the epochs each model trained.
+    Two ways to say what an epoch is:
+    - `loss` a loss function and `driver` a stream: an epoch is one pass over the driver stream
+      (or `steps_per_epoch` steps: a partial pass, the driver's shuffle continuing from epoch to
+      epoch); every step draws one batch from every stream (the others cycle).
+    - `loss` a dict of `Phase`s and `plan`: epoch e is the steps plan[e] (phase names; len(plan) ==
+      cfg.epochs), each drawing from its phase's streams: passes over different data with one
+      optimiser, momentum and lr schedule carrying over (SCRUB, random labels, MUSO).
+    The lr schedule spans all the steps (`schedule_per_epoch`: it advances once per epoch, as
+    torch schedulers stepped per epoch do). `grad_scale` multiplies gradients elementwise (masks
+    for SalUn, 1/10 learning rate for kept weights...). Models are trained
+    `runtime.models_per_pass` at a time to bound memory; each such chunk runs the whole plan.
+    `on_step` sees the live models after every optimiser step, `on_epoch_start` before every
+    epoch (the epoch about to run, from 1) and `on_epoch_end` after every epoch.
+    `monitor` carries the parts the stopping rule watches (cfg.stop_patience > 0 needs one: it is
+    checked at the end of every epoch) and receives the epochs each model trained.
     """
     if cfg.stop_patience and monitor is None:
         raise ConfigError(f"{desc}: stop_patience={cfg.stop_patience} asks for the stopping rule, but this fit monitors no data; set stop_patience: 0 in its fit section")
+    if isinstance(loss, dict):
+        if plan is None or driver is not None or steps_per_epoch is not None:
+            raise ValueError("fit with phases takes a plan (and no driver or steps_per_epoch)")
+        if len(plan) != cfg.epochs:
+            raise ValueError(f"{desc}: the plan has {len(plan)} epochs, cfg.epochs is {cfg.epochs}")
+        unknown = {name for epoch in plan for name in epoch} - set(loss) or {s for phase in loss.values() for s in phase.streams} - set(streams)
+        if unknown:
+            raise ValueError(f"{desc}: unknown phases or streams {sorted(unknown)}")
+        phases = loss
+    else:
+        if driver is None or plan is not None:
+            raise ValueError("fit with one loss takes a driver stream (and no plan)")
+        phases = {"train": Phase(loss, tuple(streams))}
+        steps = steps_per_epoch or steps_per_pass(streams[driver])
+        plan = [["train"] * steps] * cfg.epochs
     if cfg.epochs == 0:
         if monitor is not None:
             monitor.epochs = torch.zeros(stack.n, dtype=torch.long)
         return stack
-    step = _BatchedStep(stack.spec, loss_fn, runtime)  # built once: its compiled code serves every pass
+    # Built once: their compiled code serves every chunk of models.
+    steps = {name: _BatchedStep(stack.spec, phase.loss, runtime) for name, phase in phases.items()}
 
     def run(index: slice) -> tuple[ModelStack, torch.Tensor]:
         chunk_scale = {k: v[index] for k, v in grad_scale.items()} if grad_scale else None
-        hook = (lambda epoch, models: on_epoch_end(epoch, index, models)) if on_epoch_end else None
+        hooks = {
+            "step": (lambda n, models: on_step(n, index, models)) if on_step else None,
+            "start": (lambda epoch, models: on_epoch_start(epoch, index, models)) if on_epoch_start else None,
+            "epoch": (lambda epoch, models: on_epoch_end(epoch, index, models)) if on_epoch_end else None,
+        }
         chunk_streams = {name: s.for_models(index) for name, s in streams.items()}
         chunk_desc = desc if index.stop - index.start == stack.n else f"{desc} [models {index.start + 1}-{index.stop} of {stack.n}]"
-        return _fit_chunk(stack.select(index), chunk_streams, step, cfg, runtime, driver, chunk_desc, chunk_scale, hook, monitor)
+        return _fit_chunk(stack.select(index), chunk_streams, phases, steps, plan, cfg, runtime, chunk_desc, chunk_scale, hooks, monitor,
+                          schedule_per_epoch)
 
     stacks, epochs = zip(*_in_passes(stack.n, runtime, run))
     if monitor is not None:
@@ -472,7 +527,7 @@ class _BatchedStep:
         return losses.reshape(n)
 
 
-def _fit_chunk(stack, streams, step, cfg, runtime, driver, desc, grad_scale, on_epoch_end, monitor) -> tuple[ModelStack, torch.Tensor]:
+def _fit_chunk(stack, streams, phases, batched_steps, plan, cfg, runtime, desc, grad_scale, hooks, monitor, schedule_per_epoch) -> tuple[ModelStack, torch.Tensor]:
     device = runtime.device
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
@@ -486,43 +541,59 @@ def _fit_chunk(stack, streams, step, cfg, runtime, driver, desc, grad_scale, on_
     }
     # In-loss randomness (vmap randomness="different") draws from the global generator.
     torch.manual_seed(sum(stack.seeds) * 31 + len(stack.seeds))
-    steps = samplers[driver].steps_per_epoch()
     optimizer = _optimizer(cfg, list(params.values()))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps * cfg.epochs))
+    total = sum(len(epoch) for epoch in plan)
+    if schedule_per_epoch:
+        epoch_of = [e for e, epoch in enumerate(plan) for _ in epoch]
+        per_epoch = _lr_lambda(cfg, len(plan))
+        factor = lambda step: per_epoch(epoch_of[min(step, total - 1)])  # noqa: E731
+    else:
+        factor = _lr_lambda(cfg, total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.bf16)
-    stopping = _StoppingRule(cfg, monitor.parts, stack, params, buffers, runtime) if cfg.stop_patience else None
-    bar = progress.bar(range(cfg.epochs), desc=f"{desc} x{stack.n}")  # shown in a terminal and under dvc repro
-    for epoch in bar:
-        total = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        for _ in range(steps):
+    stopping = StoppingRule(cfg, monitor.parts, stack, params, buffers, runtime) if cfg.stop_patience else None
+    live = lambda: ModelStack(stack.spec, {k: v.detach() for k, v in params.items()}, buffers, stack.seeds)  # noqa: E731
+    done = 0
+    bar = progress.bar(plan, desc=f"{desc} x{stack.n}")  # shown in a terminal and under dvc repro
+    for epoch, names in enumerate(bar):
+        if hooks["start"]:
+            hooks["start"](epoch + 1, live())
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        for name in names:
             batches, full = {}, True
-            for name, (x, y) in data.items():
-                index, aug = samplers[name].next()
+            for stream in phases[name].streams:
+                x, y = data[stream]
+                index, aug = samplers[stream].next()
                 xb = x[index] if aug is None else crop_and_flip(x[index], *aug)
-                batches[name] = (xb, y[index] if y.dim() == 1 else torch.gather(y, 1, index))
-                full &= index.shape[1] == samplers[name].batch_size
+                batches[stream] = (xb, y[index] if y.dim() == 1 else torch.gather(y, 1, index))
+                full &= index.shape[1] == samplers[stream].batch_size
             with autocast:
-                losses = step(params, buffers, batches, full)
+                losses = batched_steps[name](params, buffers, batches, full)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             for k, s in scale.items():
                 params[k].grad.mul_(s)
             optimizer.step()
             scheduler.step()
-            total += losses.detach().mean()
-        bar.set_postfix(loss=f"{float(total) / steps:.4f}")
+            loss_sum += losses.detach().mean()
+            done += 1
+            if hooks["step"]:
+                hooks["step"](done, live())
+        bar.set_postfix(loss=f"{float(loss_sum) / max(1, len(names)):.4f}")
         all_converged = stopping is not None and stopping.after_epoch(epoch + 1, params, buffers)
-        if on_epoch_end:
-            on_epoch_end(epoch + 1, ModelStack(stack.spec, {k: v.detach() for k, v in params.items()}, buffers, stack.seeds))
+        if hooks["epoch"]:
+            hooks["epoch"](epoch + 1, live())
         if all_converged:
             break
     epochs = stopping.epochs if stopping else torch.full((stack.n,), cfg.epochs)
     return ModelStack(stack.spec, {k: v.detach().cpu() for k, v in params.items()}, {k: v.cpu() for k, v in buffers.items()}, stack.seeds), epochs
 
 
-class _StoppingRule:
+class StoppingRule:
     """The stopping rule (`Monitor`) for one pass of models: measures their accuracy on the
-    monitored parts before training and after every epoch, and freezes the converged ones."""
+    monitored parts before training and after every epoch, and freezes the converged ones.
+    `fit` runs it at the end of every epoch; a method made of several fits per round
+    (`Unlearner.rounds`) runs it at the end of every round, on the round's output tensors."""
 
     def __init__(self, cfg: FitConfig, parts: dict, stack: ModelStack, params: dict, buffers: dict, runtime: Runtime):
         self.cfg, self.parts, self.spec, self.seeds, self.runtime = cfg, parts, stack.spec, stack.seeds, runtime
@@ -614,6 +685,11 @@ def _batched_forward(module: torch.nn.Module, stack: ModelStack, x: torch.Tensor
         return torch.cat(outputs, dim=1)
 
     return torch.cat(_in_passes(stack.n, runtime, run))
+
+
+def steps_per_pass(stream: Stream) -> int:
+    """Steps of one pass over `stream` (the last batch may be smaller)."""
+    return math.ceil(len(stream) / min(stream.batch_size, len(stream)))
 
 
 def train_from_scratch(spec: dict, seeds: list[int], stream: Stream, cfg: FitConfig, runtime: Runtime, desc: str) -> tuple[ModelStack, float]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.training import fit
+from unlearnops.training import FitConfig
 
 
 def soft_cdf(values: torch.Tensor, sharpness: float, margin: float) -> torch.Tensor:
@@ -72,10 +72,10 @@ class AAmu(Unlearner):
         cdf_margin: float  # the soft CDF is kept in [margin, 1 - margin] before the probit
         sigma: float  # bandwidth of the MMD's Gaussian kernel
         sample_factor: int  # forget and unseen samples per step = sample_factor * retain batch
-        fit: dict
+        fit: FitConfig
 
     def unlearn(self, models, data, runtime):
-        hp, cfg = self.hp, self.fit_config()
+        hp, cfg = self.hp, self.hp.fit
         device = runtime.device
         val_x, val_y = data.val.x.to(device), data.val.y.to(device)
         sampler = SameClassSampler(val_y, data.num_classes)
@@ -90,4 +90,4 @@ class AAmu(Unlearner):
             return F.cross_entropy(forward(xr), yr, reduction="none").pow(2).mean() + hp.lam * mmd
 
         streams = {"retain": self.retain_stream(data), "forget": self.forget_stream(data, hp.sample_factor * cfg.batch_size)}
-        return fit(models, streams, loss, cfg, runtime, driver="retain", desc=self.name)
+        return self.fit(data, models, streams, loss, cfg, runtime, driver="retain", desc=self.name)

@@ -1,15 +1,15 @@
 """The contract every unlearning method follows."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
+from typing import Callable, ClassVar
 
 import torch
 
 from unlearnops.config import build_dataclass
 from unlearnops.data import Part
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, LossFn, Monitor, Runtime, Stream, fit
+from unlearnops.training import FitConfig, LossFn, Monitor, Phase, Runtime, StoppingRule, Stream, fit
 
 
 @dataclass
@@ -32,7 +32,9 @@ class Unlearner:
     """
 
     name: ClassVar[str]
-    Hparams: ClassVar[type]  # a dataclass; its fields are exactly the keys of methods.<name>
+    # A dataclass; its fields are exactly the keys of methods.<name>, typed: a `FitConfig` field
+    # (fit: FitConfig) is built and checked from its nested mapping when the method is built.
+    Hparams: ClassVar[type]
 
     def __init__(self, hparams: dict, params: dict):
         self.hp = build_dataclass(self.Hparams, hparams, f"methods.{self.name}")
@@ -45,19 +47,35 @@ class Unlearner:
         raise NotImplementedError
 
     # Helpers shared by the methods that fine-tune.
-    def fit(self, data: UnlearnData, models: ModelStack, streams: dict[str, Stream], loss_fn: LossFn, cfg: FitConfig, runtime: Runtime, **options) -> ModelStack:
+    def fit(self, data: UnlearnData, models: ModelStack, streams: dict[str, Stream], loss: LossFn | dict[str, Phase], cfg: FitConfig, runtime: Runtime, **options) -> ModelStack:
         """training.fit with the seed study's stopping rule available: when cfg.stop_patience > 0
-        every model stops once its retain and validation accuracy have converged."""
+        every model stops at the end of the epoch at which its retain and validation accuracy
+        have converged. Every method's training goes through here."""
         monitor = Monitor({"retain": (data.retain.x, data.retain.y), "val": (data.val.x, data.val.y)})
-        models = fit(models, streams, loss_fn, cfg, runtime, monitor=monitor, **options)
+        models = fit(models, streams, loss, cfg, runtime, monitor=monitor, **options)
         self.fit_epochs.append((options.get("desc", self.name), monitor.epochs))
         return models
 
-    def fit_config(self, key: str = "fit") -> FitConfig:
-        return build_dataclass(FitConfig, getattr(self.hp, key), f"methods.{self.name}.{key}")
+    def rounds(self, data: UnlearnData, models: ModelStack, count: int, one_round: Callable[[int, ModelStack], ModelStack], cfg: FitConfig, runtime: Runtime, desc: str) -> ModelStack:
+        """`count` rounds, models = one_round(r, models), for a method whose epochs are rounds of
+        several fits (kl_contrastive). With cfg.stop_patience > 0 the stopping rule acts at
+        round granularity: a run stops at the end of the round at which its retain and
+        validation accuracy have converged (later rounds leave it as it was), and the rounds
+        end once every run has stopped."""
+        rule = None
+        if cfg.stop_patience:
+            rule = StoppingRule(replace(cfg, epochs=count), {"retain": (data.retain.x, data.retain.y), "val": (data.val.x, data.val.y)}, models, models.params, models.buffers, runtime)
+        for r in range(count):
+            models = one_round(r, models)
+            if rule is not None:
+                models = ModelStack(models.spec, {k: v.clone() for k, v in models.params.items()}, {k: v.clone() for k, v in models.buffers.items()}, models.seeds)
+                if rule.after_epoch(r + 1, models.params, models.buffers):
+                    break
+        self.fit_epochs.append((desc, rule.epochs if rule is not None else torch.full((models.n,), count)))
+        return models
 
     def retain_stream(self, data: UnlearnData, batch_size: int | None = None) -> Stream:
-        return Stream(data.retain.x, data.retain.y, batch_size or self.fit_config().batch_size, data.augment)
+        return Stream(data.retain.x, data.retain.y, batch_size or self.hp.fit.batch_size, data.augment)
 
     def forget_stream(self, data: UnlearnData, batch_size: int) -> Stream:
         return Stream(data.forget.x, data.forget.y, batch_size, data.augment)

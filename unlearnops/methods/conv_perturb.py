@@ -17,15 +17,13 @@ Deviations (each a param):
   budget (with full epochs the method takes 0.32 of the default retrain's CPU time).
 - `fit.lr` 0.007 (authors 7e-4): their lr is set for ~770 steps per CIFAR-10 epoch, digits has
   20 (10 here); at 7e-4 the test accuracy stayed at 0.88 (retrain 0.99).
-- The authors step their cosine schedule once per epoch (epoch e at lr x (1 + cos(pi e/E)) / 2)
-  with one optimiser; here each epoch is one engine call at that constant lr (exact values,
-  and the re-perturbation falls between two calls), so momentum restarts every epoch. Each
-  epoch gets its own data order (retain_passes.reseeded), as the authors' loader reshuffles.
+As the authors: one optimiser over all epochs, its cosine schedule stepped once per epoch
+(epoch e at lr x (1 + cos(pi e/E)) / 2: the engine's `schedule_per_epoch`), the re-perturbation
+made on the live models before the last epoch (`on_epoch_start`), momentum carrying over.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +31,10 @@ import torch.nn.functional as F
 from unlearnops.config import ConfigError, choose
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.methods.retain_passes import check_retain_fraction, reseeded, retain_streams
+from unlearnops.methods.retain_passes import check_retain_fraction, retain_steps
 from unlearnops.methods.weight_surgery import conv_weight_names, model_generators, stacked_draw
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, fit
+from unlearnops.training import FitConfig
 
 LAYER_CHOICES = ("first", "all")
 PERTURB_SALT, REPERTURB_SALT = 1, 2  # separate noise streams for the two perturbations
@@ -66,13 +64,6 @@ def batch_weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, class_we
     return F.cross_entropy(logits, y) * class_weights[y].mean()
 
 
-def epoch_lr(cfg: FitConfig, epoch: int) -> float:
-    """cfg.lr scaled by cfg.schedule evaluated once per epoch (torch's schedulers stepped per epoch)."""
-    progress = epoch / cfg.epochs
-    factor = {"constant": 1.0, "cosine": (1 + math.cos(math.pi * progress)) / 2, "linear": 1 - progress}[cfg.schedule]
-    return cfg.lr * factor
-
-
 @register("conv_perturb")
 class ConvPerturb(Unlearner):
     @dataclass
@@ -81,7 +72,7 @@ class ConvPerturb(Unlearner):
         noise_std: float  # std of the first perturbation
         reperturb_std: float  # std of the light perturbation before the last epoch
         retain_fraction: float  # share of retain each epoch visits
-        fit: dict  # fine-tuning on retain, all epochs (the schedule steps per epoch)
+        fit: FitConfig  # fine-tuning on retain, all epochs (the schedule steps per epoch)
 
     def __init__(self, hparams: dict, params: dict):
         super().__init__(hparams, params)
@@ -89,8 +80,8 @@ class ConvPerturb(Unlearner):
         if self.hp.noise_std < 0 or self.hp.reperturb_std < 0:
             raise ConfigError(f"methods.conv_perturb: noise stds must be >= 0, got noise_std={self.hp.noise_std}, reperturb_std={self.hp.reperturb_std}")
         check_retain_fraction(self.hp.retain_fraction, "methods.conv_perturb.retain_fraction")
-        if self.fit_config().epochs < 1:
-            raise ConfigError(f"methods.conv_perturb.fit.epochs must be >= 1 (the re-perturbation comes before the last), got {self.fit_config().epochs}")
+        if self.hp.fit.epochs < 1:
+            raise ConfigError(f"methods.conv_perturb.fit.epochs must be >= 1 (the re-perturbation comes before the last), got {self.hp.fit.epochs}")
 
     def perturbed_layers(self, spec: dict) -> list[str]:
         names = conv_weight_names(spec, self.name)
@@ -104,13 +95,17 @@ class ConvPerturb(Unlearner):
             x, y = batches["retain"]
             return batch_weighted_cross_entropy(forward(x), y, weights)
 
-        cfg, seeds = self.fit_config(), models.seeds
-        streams, driver = retain_streams(data.retain, cfg.batch_size, self.hp.retain_fraction, data.augment)
+        def reperturb_before_the_last(epoch: int, index: slice, live: ModelStack) -> None:
+            if epoch == cfg.epochs:
+                shaken = perturb_conv(live, names, self.hp.reperturb_std, REPERTURB_SALT)
+                with torch.no_grad():
+                    for name in names:
+                        live.params[name].copy_(shaken.params[name])
+
+        cfg = self.hp.fit
+        steps = retain_steps(len(data.retain), cfg.batch_size, self.hp.retain_fraction)
         models = perturb_conv(models, names, self.hp.noise_std, PERTURB_SALT)
-        for epoch in range(cfg.epochs):
-            if epoch == cfg.epochs - 1:
-                models = perturb_conv(models, names, self.hp.reperturb_std, REPERTURB_SALT)
-            one_epoch = replace(cfg, epochs=1, lr=epoch_lr(cfg, epoch), schedule="constant")
-            models = fit(reseeded(models, epoch), streams, loss, one_epoch, runtime, driver=driver, desc=f"{self.name} epoch {epoch + 1}")
-            models = replace(models, seeds=seeds)
-        return models
+        return self.fit(
+            data, models, {"retain": self.retain_stream(data)}, loss, cfg, runtime, driver="retain", steps_per_epoch=steps,
+            schedule_per_epoch=True, on_epoch_start=reperturb_before_the_last, desc=self.name,
+        )

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unlearnops.config import build_dataclass
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.methods.retain_passes import check_retain_fraction, retain_streams
+from unlearnops.methods.retain_passes import check_retain_fraction, retain_steps
 from unlearnops.methods.weight_surgery import conv_weight_names, transpose_conv_kernels
-from unlearnops.training import FitConfig, cross_entropy_on, fit
+from unlearnops.training import FitConfig, cross_entropy_on
 
 
 @register("conv_transpose")
@@ -32,16 +31,15 @@ class ConvTranspose(Unlearner):
     @dataclass
     class Hparams:
         retain_fraction: float  # share of retain each epoch visits
-        fit: dict
+        fit: FitConfig
 
         def __post_init__(self):
-            build_dataclass(FitConfig, self.fit, "methods.conv_transpose.fit")
             check_retain_fraction(self.retain_fraction, "methods.conv_transpose.retain_fraction")
 
     def transpose(self, models):
         return transpose_conv_kernels(models, conv_weight_names(models.spec, self.name))
 
     def unlearn(self, models, data, runtime):
-        cfg = self.fit_config()
-        streams, driver = retain_streams(data.retain, cfg.batch_size, self.hp.retain_fraction, data.augment)
-        return fit(self.transpose(models), streams, cross_entropy_on("retain"), cfg, runtime, driver=driver, desc=self.name)
+        cfg = self.hp.fit
+        steps = retain_steps(len(data.retain), cfg.batch_size, self.hp.retain_fraction)
+        return self.fit(data, self.transpose(models), {"retain": self.retain_stream(data)}, cross_entropy_on("retain"), cfg, runtime, driver="retain", steps_per_epoch=steps, desc=self.name)

@@ -35,11 +35,11 @@ from torch.func import functional_call, vmap
 from unlearnops.config import ConfigError
 from unlearnops.methods import register
 from unlearnops.methods.base import UnlearnData, Unlearner
-from unlearnops.methods.retain_passes import check_retain_fraction, retain_streams
+from unlearnops.methods.retain_passes import check_retain_fraction, retain_steps
 from unlearnops.methods.weight_surgery import conv_weight_names, fraction_masks, model_generators, stacked_draw
 from unlearnops.nets import build_model
 from unlearnops.stack import ModelStack
-from unlearnops.training import Runtime, cross_entropy_on, fit
+from unlearnops.training import FitConfig, Runtime, cross_entropy_on
 
 SUBSAMPLE_SALT, REINIT_SALT = 1, 2  # separate random streams for the two draws
 
@@ -103,7 +103,7 @@ class GradReinit(Unlearner):
         kept_lr_factor: float  # learning-rate factor (gradient scale) of the conv weights not reset
         gradient_batch_size: int  # batch size while accumulating gradient information
         retain_fraction: float  # share of retain each fine-tuning epoch visits
-        fit: dict  # fine-tuning on retain (the authors: linear warm-up, then linear decay)
+        fit: FitConfig  # fine-tuning on retain (the authors: linear warm-up, then linear decay)
 
     def __init__(self, hparams: dict, params: dict):
         super().__init__(hparams, params)
@@ -114,8 +114,8 @@ class GradReinit(Unlearner):
             raise ConfigError(f"methods.grad_reinit: need kept_lr_factor >= 0 and gradient_batch_size >= 1, got {hp.kept_lr_factor}, {hp.gradient_batch_size}")
         check_retain_fraction(hp.retain_fraction, "methods.grad_reinit.retain_fraction")
         # Gradient scaling is a learning-rate factor only for SGD (Adam normalises it away).
-        if self.fit_config().optimizer != "sgd" and hp.kept_lr_factor != 1:
-            raise ConfigError(f"methods.grad_reinit.kept_lr_factor needs fit.optimizer 'sgd', got '{self.fit_config().optimizer}'")
+        if self.hp.fit.optimizer != "sgd" and hp.kept_lr_factor != 1:
+            raise ConfigError(f"methods.grad_reinit.kept_lr_factor needs fit.optimizer 'sgd', got '{self.hp.fit.optimizer}'")
 
     def reset_masks(self, models: ModelStack, data: UnlearnData, runtime: Runtime) -> dict[str, torch.Tensor]:
         """Per conv weight, [N, ...] True where the weight is re-initialised."""
@@ -128,6 +128,6 @@ class GradReinit(Unlearner):
         models = reinitialise(models, masks)
         # Only conv weights are scaled: kept ones by kept_lr_factor, reset ones not at all.
         grad_scale = {name: torch.where(mask, 1.0, self.hp.kept_lr_factor) for name, mask in masks.items()}
-        cfg = self.fit_config()
-        streams, driver = retain_streams(data.retain, cfg.batch_size, self.hp.retain_fraction, data.augment)
-        return fit(models, streams, cross_entropy_on("retain"), cfg, runtime, driver=driver, desc=self.name, grad_scale=grad_scale)
+        cfg = self.hp.fit
+        steps = retain_steps(len(data.retain), cfg.batch_size, self.hp.retain_fraction)
+        return self.fit(data, models, {"retain": self.retain_stream(data)}, cross_entropy_on("retain"), cfg, runtime, driver="retain", steps_per_epoch=steps, desc=self.name, grad_scale=grad_scale)

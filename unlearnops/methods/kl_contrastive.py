@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from unlearnops.config import ConfigError, choose
 from unlearnops.methods import register
 from unlearnops.methods.base import UnlearnData, Unlearner
-from unlearnops.methods.retain_passes import check_retain_fraction, reseeded, retain_streams
+from unlearnops.methods.retain_passes import check_retain_fraction, reseeded, retain_steps
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, Runtime, Stream, cross_entropy_on, fit
+from unlearnops.training import FitConfig, Runtime, Stream, cross_entropy_on
 
 
 def kl_from_uniform(logits):
@@ -61,9 +61,9 @@ class KLContrastive(Unlearner):
         eta_min: float  # end of the contrastive passes' shared cosine schedule
         negatives_batch_size: int  # retain samples per forget batch (the negatives)
         retain_fraction: float  # share of retain each retain round visits
-        uniform: dict  # step 1: the pass over forget toward uniform outputs
-        contrast: dict  # step 2: each contrastive pass over forget (cosine: one schedule over all rounds)
-        retain_round: dict  # step 2: each cross-entropy pass over retain
+        uniform: FitConfig  # step 1: the pass over forget toward uniform outputs
+        contrast: FitConfig  # step 2: each contrastive pass over forget (cosine: one schedule over all rounds)
+        retain_round: FitConfig  # step 2: each cross-entropy pass over retain
 
     def __init__(self, hparams: dict, params: dict):
         super().__init__(hparams, params)
@@ -74,22 +74,20 @@ class KLContrastive(Unlearner):
                 f"got {hp.temperature}, {hp.rounds}, {hp.negatives_batch_size}, {hp.eta_min}"
             )
         check_retain_fraction(hp.retain_fraction, "methods.kl_contrastive.retain_fraction")
-        for key in ("uniform", "contrast", "retain_round"):
-            self.fit_config(key)  # bad optimiser settings fail before any training
-        choose(self.fit_config("contrast").schedule, ("cosine", "constant"), "methods.kl_contrastive.contrast.schedule")
+        choose(self.hp.contrast.schedule, ("cosine", "constant"), "methods.kl_contrastive.contrast.schedule")
 
     def push_to_uniform(self, models: ModelStack, data: UnlearnData, runtime: Runtime) -> ModelStack:
         """Step 1: forget outputs toward the uniform distribution."""
-        cfg = self.fit_config("uniform")
+        cfg = self.hp.uniform
 
         def loss(forward, batches):
             return kl_from_uniform(forward(batches["forget"][0]))
 
-        return fit(models, {"forget": self.forget_stream(data, cfg.batch_size)}, loss, cfg, runtime, driver="forget", desc=f"{self.name} uniform")
+        return self.fit(data, models, {"forget": self.forget_stream(data, cfg.batch_size)}, loss, cfg, runtime, driver="forget", desc=f"{self.name} uniform")
 
     def contrast_lr(self, round_index: int, n_forget: int) -> float:
         """The shared cosine schedule's learning rate for round `round_index`'s contrastive pass."""
-        cfg = self.fit_config("contrast")
+        cfg = self.hp.contrast
         if cfg.schedule == "constant":
             return cfg.lr
         steps = cfg.epochs * math.ceil(n_forget / min(cfg.batch_size, n_forget))
@@ -98,7 +96,7 @@ class KLContrastive(Unlearner):
 
     def contrastive_pass(self, models: ModelStack, data: UnlearnData, runtime: Runtime, round_index: int = 0) -> ModelStack:
         """Step 2a: forget outputs pushed to be equally similar to all retain outputs."""
-        cfg = replace(self.fit_config("contrast"), lr=self.contrast_lr(round_index, len(data.forget)), schedule="constant")
+        cfg = replace(self.hp.contrast, lr=self.contrast_lr(round_index, len(data.forget)), schedule="constant")
         temperature = self.hp.temperature
 
         def loss(forward, batches):
@@ -109,22 +107,26 @@ class KLContrastive(Unlearner):
             "forget": self.forget_stream(data, cfg.batch_size),
             "negatives": Stream(data.retain.x, data.retain.y, self.hp.negatives_batch_size, data.augment),
         }
-        return fit(models, streams, loss, cfg, runtime, driver="forget", desc=f"{self.name} contrast")
+        return self.fit(data, models, streams, loss, cfg, runtime, driver="forget", desc=f"{self.name} contrast")
 
     def retain_round(self, models: ModelStack, data: UnlearnData, runtime: Runtime) -> ModelStack:
-        """Step 2b: cross-entropy over `retain_fraction` of retain."""
-        cfg: FitConfig = self.fit_config("retain_round")
-        streams, driver = retain_streams(data.retain, cfg.batch_size, self.hp.retain_fraction, data.augment)
-        return fit(models, streams, cross_entropy_on("retain"), cfg, runtime, driver=driver, desc=f"{self.name} retain")
+        """Step 2b: cross-entropy over `retain_fraction` of retain. (retain_round.stop_patience is
+        the rounds' stopping rule, `unlearn`; within a round the pass runs whole.)"""
+        cfg = replace(self.hp.retain_round, stop_patience=0)
+        steps = retain_steps(len(data.retain), cfg.batch_size, self.hp.retain_fraction)
+        return self.fit(data, models, {"retain": self.retain_stream(data, cfg.batch_size)}, cross_entropy_on("retain"), cfg, runtime, driver="retain", steps_per_epoch=steps, desc=f"{self.name} retain")
 
     def unlearn(self, models, data, runtime):
         if len(data.forget) == 0:
             raise ValueError("kl_contrastive needs a non-empty forget set")
         seeds = models.seeds
         models = self.push_to_uniform(models, data, runtime)
-        for r in range(self.hp.rounds):
+
+        def one_round(r: int, models: ModelStack) -> ModelStack:
             # Each round its own data order (negatives and retain), as the authors' loaders reshuffle.
             models = reseeded(replace(models, seeds=seeds), r)
-            models = self.contrastive_pass(models, data, runtime, r)
-            models = self.retain_round(models, data, runtime)
+            return self.retain_round(self.contrastive_pass(models, data, runtime, r), data, runtime)
+
+        # With retain_round.stop_patience > 0 a run's rounds stop once its accuracies converged.
+        models = self.rounds(data, models, self.hp.rounds, one_round, self.hp.retain_round, runtime, desc=f"{self.name} rounds")
         return replace(models, seeds=seeds)

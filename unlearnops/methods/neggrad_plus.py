@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.training import fit
+from unlearnops.training import FitConfig
 
 
 @register("neggrad_plus")
@@ -27,7 +27,7 @@ class NegGradPlus(Unlearner):
     class Hparams:
         alpha: float  # weight of the retain loss; (1 - alpha) weighs the forget ascent
         forget_batch_size: int
-        fit: dict
+        fit: FitConfig
 
     def unlearn(self, models, data, runtime):
         alpha = self.hp.alpha
@@ -37,4 +37,4 @@ class NegGradPlus(Unlearner):
             return alpha * F.cross_entropy(forward(xr), yr) - (1 - alpha) * F.cross_entropy(forward(xf), yf)
 
         streams = {"retain": self.retain_stream(data), "forget": self.forget_stream(data, self.hp.forget_batch_size)}
-        return fit(models, streams, loss, self.fit_config(), runtime, driver="retain", desc=self.name)
+        return self.fit(data, models, streams, loss, self.hp.fit, runtime, driver="retain", desc=self.name)

@@ -33,13 +33,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from unlearnops.config import ConfigError, build_dataclass, choose
+from unlearnops.config import ConfigError, choose
 from unlearnops.methods import register
 from unlearnops.methods.base import Unlearner
-from unlearnops.methods.retain_passes import check_retain_fraction, retain_streams
+from unlearnops.methods.retain_passes import check_retain_fraction, retain_steps
 from unlearnops.methods.weight_surgery import LAYER_KINDS, SCOPES, check_fraction, fraction_masks, layer_weight_names, model_generators, stacked_draw
 from unlearnops.stack import ModelStack
-from unlearnops.training import FitConfig, fit
+from unlearnops.training import FitConfig
 
 REINIT_SALT = 4  # this method's random stream (weight_surgery.model_generators)
 
@@ -103,10 +103,9 @@ class PruneReinit(Unlearner):
         entropy_weight: float
         round_to_half: bool
         retain_fraction: float
-        fit: dict
+        fit: FitConfig
 
         def __post_init__(self):
-            build_dataclass(FitConfig, self.fit, "methods.prune_reinit.fit")
             check_retain_fraction(self.retain_fraction, "methods.prune_reinit.retain_fraction")
             check_fraction(self.prune_fraction, "methods.prune_reinit.prune_fraction")
             choose(self.prune_scope, SCOPES, "methods.prune_reinit.prune_scope")
@@ -131,7 +130,7 @@ class PruneReinit(Unlearner):
             x, y = batches["retain"]
             return entropy_matching_loss(forward(x), y, original(x).detach(), weights, beta)
 
-        cfg = self.fit_config()
-        streams, driver = retain_streams(data.retain, cfg.batch_size, self.hp.retain_fraction, data.augment)
-        tuned = fit(pruned, streams, loss, cfg, runtime, driver=driver, desc=self.name)
+        cfg = self.hp.fit
+        steps = retain_steps(len(data.retain), cfg.batch_size, self.hp.retain_fraction)
+        tuned = self.fit(data, pruned, {"retain": self.retain_stream(data)}, loss, cfg, runtime, driver="retain", steps_per_epoch=steps, desc=self.name)
         return rounded_to_half(tuned) if self.hp.round_to_half else tuned

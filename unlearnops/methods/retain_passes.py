@@ -6,24 +6,16 @@ setting (retrain = 15 epochs) that is 3 retain epochs, less than several authors
 only a `retain_fraction` of retain in each (each model its own random part): the same
 algorithm with fewer steps. `retain_fraction: 1.0` is the authors' full passes.
 
-The engine runs whole passes over its driver stream, so a partial pass is driven by a `clock`
-stream holding exactly the wanted number of batches (its batches are ignored) while the
-retain stream cycles: each model draws its retain batches from its own shuffle of all of
-retain, and successive passes of one engine call continue that shuffle.
+The engine's `steps_per_epoch` makes such a partial pass: each model draws its retain batches
+from its own shuffle of all of retain, and successive epochs of one fit continue that shuffle.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import replace
 
-import torch
-
 from unlearnops.config import ConfigError
-from unlearnops.data import Part
 from unlearnops.stack import ModelStack
-from unlearnops.training import Stream
-
-CLOCK = "clock"
 
 
 def check_retain_fraction(value: float, where: str) -> float:
@@ -32,16 +24,9 @@ def check_retain_fraction(value: float, where: str) -> float:
     return float(value)
 
 
-def retain_streams(retain: Part, batch_size: int, fraction: float, augment: bool) -> tuple[dict[str, Stream], str]:
-    """({"retain": ..., maybe "clock": ...}, driver) for passes over `fraction` of retain:
-    round(fraction x batches per epoch) batches per pass, at least one."""
-    stream = Stream(retain.x, retain.y, batch_size, augment)
-    if fraction >= 1.0:
-        return {"retain": stream}, "retain"
-    steps = max(1, round(fraction * math.ceil(len(retain) / batch_size)))
-    rows = steps * batch_size
-    clock = Stream(torch.zeros(rows), torch.zeros(rows, dtype=torch.long), batch_size)
-    return {CLOCK: clock, "retain": stream}, CLOCK
+def retain_steps(n_retain: int, batch_size: int, fraction: float) -> int:
+    """Steps of a pass over `fraction` of retain: round(fraction x batches per epoch), at least one."""
+    return max(1, round(fraction * math.ceil(n_retain / min(batch_size, n_retain))))
 
 
 def reseeded(models: ModelStack, pass_index: int) -> ModelStack:

@@ -26,9 +26,8 @@ from torch import nn
 from unlearnops.config import ConfigError
 from unlearnops.methods import register
 from unlearnops.methods.base import UnlearnData, Unlearner
-from unlearnops.methods.passes import fit_passes, steps_per_pass
 from unlearnops.stack import ModelStack
-from unlearnops.training import LossFn, Runtime, Stream, predict
+from unlearnops.training import FitConfig, LossFn, Phase, Runtime, Stream, predict, steps_per_pass
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -62,14 +61,13 @@ class Scrub(Unlearner):
         gamma: float  # min-step weight of cross-entropy on retain
         msteps: int  # epochs 1..msteps each begin with a max-step pass over forget
         forget_batch_size: int  # batch size of the max-step passes
-        fit: dict  # the one optimiser of all passes; epochs = min-step passes over retain
+        fit: FitConfig  # the one optimiser of all passes; epochs = min-step passes over retain
 
     def __init__(self, hparams: dict, params: dict):
         super().__init__(hparams, params)
         hp = self.hp
         if hp.temperature <= 0 or hp.msteps < 0 or hp.forget_batch_size < 1:
             raise ConfigError(f"methods.scrub: need temperature > 0, msteps >= 0, forget_batch_size >= 1; got {hp.temperature}, {hp.msteps}, {hp.forget_batch_size}")
-        self.fit_config()
 
     def teacher_outputs(self, original: ModelStack, data: UnlearnData, runtime: Runtime) -> TeacherOutputs:
         """The teacher's logits on a batch, looked up from `positions` (the sample indices the
@@ -107,19 +105,19 @@ class Scrub(Unlearner):
         positions = lambda part: torch.arange(len(part))  # noqa: E731
         return {
             "forget": Stream(data.forget.x, positions(data.forget), self.hp.forget_batch_size, data.augment),
-            "retain": Stream(data.retain.x, positions(data.retain), self.fit_config().batch_size, data.augment),
+            "retain": Stream(data.retain.x, positions(data.retain), self.hp.fit.batch_size, data.augment),
         }
 
-    def schedule(self, streams: dict[str, Stream]) -> list[str]:
-        """The notebook's loop: epoch e (from 1) is a max pass over forget if e <= msteps, then a min pass over retain."""
+    def schedule(self, streams: dict[str, Stream]) -> list[list[str]]:
+        """The notebook's loop, per epoch: epoch e (from 1) is a max pass over forget if e <= msteps, then a min pass over retain."""
         max_pass, min_pass = ["max"] * steps_per_pass(streams["forget"]), ["min"] * steps_per_pass(streams["retain"])
-        return [step for epoch in range(1, self.fit_config().epochs + 1) for step in (max_pass if epoch <= self.hp.msteps else []) + min_pass]
+        return [(max_pass if epoch <= self.hp.msteps else []) + min_pass for epoch in range(1, self.hp.fit.epochs + 1)]
 
     def scrub(self, students: ModelStack, original: ModelStack, data: UnlearnData, runtime: Runtime) -> ModelStack:
         teacher = self.teacher_outputs(original, data, runtime)
         streams = self.streams(data)
-        losses = {"max": self.max_loss(teacher), "min": self.min_loss(teacher, data.retain.y.to(runtime.device))}
-        return fit_passes(students, streams, losses, self.schedule(streams), self.fit_config(), runtime, desc=self.name)
+        phases = {"max": Phase(self.max_loss(teacher), ("forget",)), "min": Phase(self.min_loss(teacher, data.retain.y.to(runtime.device)), ("retain",))}
+        return self.fit(data, students, streams, phases, self.hp.fit, runtime, plan=self.schedule(streams), desc=self.name)
 
     def unlearn(self, models, data, runtime):
         if self.hp.msteps > 0 and len(data.forget) == 0:

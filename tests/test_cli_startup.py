@@ -45,18 +45,17 @@ def test_review_list_loads_mlflow_but_not_torch_or_onnx(workdir):
     assert loaded["code"] == 0 and loaded["heavy"] == ["mlflow"]
 
 
-def test_the_cli_opens_the_ledger_and_samples_table_the_deletion_flow_uses(repo_params, tmp_path, monkeypatch):
-    from unlearnops import cli
-    from unlearnops.ops import deletion
+def test_the_ledger_and_samples_table_follow_params_and_the_environment(repo_params, tmp_path, monkeypatch):
+    from unlearnops.layout import samples_table
+    from unlearnops.ops.ledger import LEDGER_ENV, open_ledger
 
-    assert cli.LEDGER_ENV == deletion.LEDGER_ENV
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(cli.LEDGER_ENV, raising=False)
-    assert str(cli._open_ledger(repo_params).engine.url) == str(deletion.open_ledger(repo_params).engine.url) == repo_params["ops"]["ledger_url"]
+    monkeypatch.delenv(LEDGER_ENV, raising=False)
+    assert str(open_ledger(repo_params).engine.url) == repo_params["ops"]["ledger_url"]
     url = f"sqlite:///{tmp_path}/other.db"
-    monkeypatch.setenv(cli.LEDGER_ENV, url)
-    assert str(cli._open_ledger(repo_params).engine.url) == deletion.ledger_url(repo_params) == url
+    monkeypatch.setenv(LEDGER_ENV, url)
+    assert str(open_ledger(repo_params).engine.url) == url
     for folder in (Path("data/prepared"), Path("data/split") / repo_params["ops"]["dataset"]):  # flat layout, then the grid's
         folder.mkdir(parents=True)
         (folder / "samples.csv").write_text("sample_id\n")
-        assert cli._samples_table(repo_params) == deletion.samples_table(repo_params) == folder / "samples.csv"
+        assert samples_table(repo_params) == folder / "samples.csv"

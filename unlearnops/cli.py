@@ -15,10 +15,9 @@ import os
 import subprocess
 import sys
 
-from unlearnops.config import ConfigError, load_params
+from unlearnops.config import load_params
 from unlearnops.ops.errors import OneLineParser
 
-LEDGER_ENV = "UNLEARNOPS_LEDGER_URL"  # as unlearnops.ops.deletion.LEDGER_ENV (tests/test_cli_startup.py checks they agree)
 
 
 def load_checked(path: str) -> dict:
@@ -76,37 +75,15 @@ def _ids(values: list[str] | None) -> list[str] | None:
     return None if values is None else [part for value in values for part in value.split(",") if part.strip()]
 
 
-def _open_ledger(params: dict):
-    """The deletion ledger, as unlearnops.ops.deletion.open_ledger opens it, without importing the
-    deletion flow (torch, MLflow, scikit-learn: seconds of start-up for a table of requests)."""
-    from unlearnops.ops.ledger import Ledger
-
-    return Ledger(os.environ.get(LEDGER_ENV) or str(params["ops"]["ledger_url"]))
-
-
-def _samples_table(params: dict):
-    """unlearnops.ops.deletion.samples_table without its imports: the production data's samples.csv
-    (data/split/<ops.dataset> in the grid, else the flat layout's data/prepared)."""
-    from pathlib import Path
-
-    from unlearnops.layout import PREPARED, dataset_layout
-
-    folder = PREPARED
-    if params.get("datasets") and (dataset_layout(params["ops"]["dataset"]).split / "samples.csv").is_file():
-        folder = dataset_layout(params["ops"]["dataset"]).split
-    path = Path(folder) / "samples.csv"
-    if not path.is_file():
-        raise ConfigError(f"samples table not found: {path} (run the prepare stage: dvc repro prepare, or split@<ops.dataset>)")
-    return path
-
-
 def cmd_request(args) -> int:
+    from unlearnops.layout import samples_table
     from unlearnops.ops import ledger_cli
+    from unlearnops.ops.ledger import open_ledger
 
     params = load_checked(args.params)
-    ledger = _open_ledger(params)
+    ledger = open_ledger(params)
     if args.action == "submit":
-        return ledger_cli.cmd_submit(ledger, _samples_table(params), _ids(args.user_ids), _ids(args.sample_ids),
+        return ledger_cli.cmd_submit(ledger, samples_table(params), _ids(args.user_ids), _ids(args.sample_ids),
                                      args.file, reason=args.reason, actor=args.actor, deleted=params["data"]["deleted"])
     if args.action == "list":
         return ledger_cli.cmd_list(ledger, args.status, args.overdue)
@@ -117,10 +94,11 @@ def cmd_request(args) -> int:
 
 def cmd_review(args) -> int:
     from unlearnops.ops import model_registry, review_cli
+    from unlearnops.ops.ledger import open_ledger
 
     params = load_checked(args.params)
     mlflow_client = model_registry.client(params)
-    ledger = _open_ledger(params)
+    ledger = open_ledger(params)
     if args.action == "list" and args.failed:
         return review_cli.cmd_failed(mlflow_client, params)
     if args.action == "list":

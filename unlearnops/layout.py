@@ -168,3 +168,20 @@ def run_names(params: dict) -> list[str]:
     DVC stage), then each method on the Blend-condensed retain set."""
     return [*params["unlearn"]["methods"], *params["unlearn"].get("layered", []),
             *(f"{m}+blend" for m in params.get("condense", {}).get("methods", []))]
+
+
+def production_data(params: dict | None = None) -> Path:
+    """The production data: the split of `ops.dataset` that the benchmark grid wrote
+    (data/split/<dataset>), else the flat layout of a single run (data/prepared)."""
+    if params is not None and params.get("datasets"):
+        grid = dataset_layout(params["ops"]["dataset"]).split
+        if (grid / "samples.csv").is_file():
+            return grid
+    return PREPARED
+
+
+def samples_table(params: dict | None = None) -> Path:
+    path = production_data(params) / "samples.csv"
+    if not path.is_file():
+        raise ConfigError(f"samples table not found: {path} (run the prepare stage: dvc repro prepare, or split@<ops.dataset>)")
+    return path

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 from contextlib import contextmanager
@@ -48,19 +47,17 @@ from unlearnops.ops import model_registry
 from unlearnops.config import ConfigError, build_dataclass
 from unlearnops.data import Part, load_prepared, read_deleted_ids
 from unlearnops.ops.export import ExportError
-from unlearnops.ops.ledger import DEFAULT_DEADLINE_DAYS, Ledger, Status, lease_holder
+from unlearnops.ops.ledger import LEDGER_ENV, Ledger, Status, lease_holder, ledger_url, open_ledger  # noqa: F401  (LEDGER_ENV, ledger_url: also here)
 from unlearnops.methods import UnlearnData
 from unlearnops.metrics import gaps
 from unlearnops.metrics.gaps import loss_auc
 from unlearnops.metrics.mia import label_losses, loss_mia
 from unlearnops.outputs import eval_parts
 from unlearnops.files import write_json
-from unlearnops.layout import PREPARED, setting_layout
-from unlearnops.layout import dataset_layout as layout_of_dataset
+from unlearnops.layout import production_data, samples_table, setting_layout  # noqa: F401  (samples_table: also here)
 from unlearnops.stack import ModelStack
 from unlearnops.training import FitConfig, Runtime, Stream, predict, train_from_scratch
 
-LEDGER_ENV = "UNLEARNOPS_LEDGER_URL"
 ACTOR = "deletion-flow"
 WORK_FILE, CHAMPION_FILE, CANDIDATE_FILE = "work.json", "champion.pt", "candidate.pt"
 TIMING_FILE, EVIDENCE_FILE = "unlearn.json", "evidence.json"
@@ -98,14 +95,6 @@ class Gates:
 
 
 # ------------------------------------------------------------------ settings
-
-
-def ledger_url(params: dict) -> str:
-    return os.environ.get(LEDGER_ENV) or str(params["ops"]["ledger_url"])
-
-
-def open_ledger(params: dict) -> Ledger:
-    return Ledger(ledger_url(params), int(params["ops"].get("deadline_days", DEFAULT_DEADLINE_DAYS)))
 
 
 DEFAULT_LEASE_SECONDS = 300
@@ -152,23 +141,6 @@ def close_dead_runs(params: dict) -> list[str]:
         mlflow_client.set_tag(run.info.run_id, "unlearnops.note", "its deletion run died; closed by the next run")
         mlflow_client.set_terminated(run.info.run_id, "FAILED")
     return [run.info.run_id for run in runs]
-
-
-def production_data(params: dict | None = None) -> Path:
-    """The production data: the split of `ops.dataset` that the benchmark grid wrote
-    (data/split/<dataset>), else the flat layout of a single run (data/prepared)."""
-    if params is not None and params.get("datasets"):
-        grid = layout_of_dataset(params["ops"]["dataset"]).split
-        if (grid / "samples.csv").is_file():
-            return grid
-    return PREPARED
-
-
-def samples_table(params: dict | None = None) -> Path:
-    path = production_data(params) / "samples.csv"
-    if not path.is_file():
-        raise ConfigError(f"samples table not found: {path} (run the prepare stage: dvc repro prepare, or split@<ops.dataset>)")
-    return path
 
 
 def data_files(params: dict) -> list[Path]:

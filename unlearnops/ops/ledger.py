@@ -52,6 +52,7 @@ DELETED_COLUMNS = ["sample_id", "user_id", "request_id", "approved_at"]
 
 
 DEFAULT_DEADLINE_DAYS = 30
+LEDGER_ENV = "UNLEARNOPS_LEDGER_URL"  # overrides params.yaml ops.ledger_url
 LEASE_NAME = "deletion-run"
 
 
@@ -796,3 +797,12 @@ def apply_approved(ledger: Ledger, deleted_csv_path: str | Path, request_ids: It
     table = pd.concat([existing, pd.DataFrame(new, dtype=str)], ignore_index=True)
     write_text_atomic(path, table.to_csv(index=False))
     return len(new)
+
+
+def ledger_url(params: dict) -> str:
+    return os.environ.get(LEDGER_ENV) or str(params["ops"]["ledger_url"])
+
+
+def open_ledger(params: dict) -> Ledger:
+    """The deletion ledger of params.yaml `ops` (UNLEARNOPS_LEDGER_URL overrides its URL)."""
+    return Ledger(ledger_url(params), int(params["ops"].get("deadline_days", DEFAULT_DEADLINE_DAYS)))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from unlearnops import tracking
 from unlearnops.config import ConfigError
-from unlearnops.ops.ledger import Ledger, Refused, Status, apply_approved
+from unlearnops.ops.ledger import Ledger, Refused, Status, apply_approved, open_ledger
 
 if TYPE_CHECKING:  # torch and ONNX load in the functions that use them: `review list` needs neither
     import torch
@@ -178,12 +178,6 @@ def log_model_files(mlflow, stack: ModelStack, test_x: torch.Tensor, params: dic
                                      extra_files=[str(stack_path)], pip_requirements=ONNX_REQUIREMENTS,
                                      input_example=example.numpy(), signature=signature)
     return info, result
-
-
-def open_ledger(params: dict) -> Ledger:
-    from unlearnops.ops.deletion import open_ledger as open_
-
-    return open_(params)
 
 
 def move_alias(mlflow_client, name: str, alias: str, version: str | int | None, ledger: Ledger | None = None,

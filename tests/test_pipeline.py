@@ -397,3 +397,17 @@ def test_bad_inputs_fail_with_one_line_and_damage_nothing(pipeline_run):
     result = subprocess.run([sys.executable, "stages/train_target.py", "synthetic"], cwd=root, capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "unknown architecture 'vgg'; allowed:" in result.stderr
     assert target.read_bytes() == original
+
+
+def test_dvc_exp_run_set_param_leaves_params_yaml_as_it_is(tmp_path):
+    """`dvc exp run -S key=value` rewrites params.yaml with DVC's own YAML round trip: only that
+    value may change (no expanded merge keys, dropped nulls or re-wrapped lists)."""
+    from dvc.utils.serialize import modify_yaml
+
+    copy_path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", copy_path)
+    with modify_yaml(copy_path) as params:
+        params["methods"]["finetune"]["fit"]["lr"] = 0.0123
+    before, after = (REPO / "params.yaml").read_text().splitlines(), copy_path.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 1 and "0.0123" in changed[0][1]

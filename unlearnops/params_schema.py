@@ -280,10 +280,8 @@ class Params(Strict):
     forget: Forget
     model: Model
     runtime: Runtime
-    sgd: Fit | TrainFit
     train: Train
     retrain: Seed
-    folds: Folds
     unlearn: Unlearn
     condense: Condense
     methods: dict[Name, Any]  # checked by the methods registry

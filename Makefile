@@ -27,6 +27,7 @@ bench: setup        ## speed benchmarks; they print tables
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_epsilon.py
 	$(PY) benchmarks/interval_coverage.py
+	$(PY) benchmarks/gate_error_rates.py
 	$(PY) benchmarks/layered_2d.py
 	$(PY) benchmarks/muso_linear.py
 	$(PY) benchmarks/pipeline_stage_times.py

@@ -24,6 +24,7 @@ import sys
 from datetime import timedelta
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from unlearnops.ops import deletion, errors
@@ -78,6 +79,9 @@ def deletion_requests(params_path: str = "params.yaml") -> dict:
     logger = get_run_logger()
     params = checked_params(params_path)
     with deletion.holding_lease(params):
+        restored = deletion.restore_champion(params)  # the champion to unlearn from is the one the reviews approved
+        if restored:
+            logger.warning(restored)
         closed = deletion.close_dead_runs(params)
         if closed:
             logger.warning(f"marked the MLflow runs of dead deletion runs FAILED: {', '.join(closed)}")
@@ -92,6 +96,8 @@ def deletion_requests(params_path: str = "params.yaml") -> dict:
             unlearn_candidate(params_path, work_dir)
             evaluate_candidate(params_path, work_dir)
             result = register_candidate(params_path, work_dir)
+            create_markdown_artifact(deletion.review_markdown(params, work_dir, result), key="deletion-evidence",
+                                     description="the candidate's evidence and gate verdicts, with its MLflow run")
             outcome = settle_requests(params_path, request_ids, result)
         except BaseException as err:
             # ANY failure settles the requests this run holds (one transaction, with the
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     try:
-        checked_params(args.params)  # before Prefect: a config error is one line, no traceback
+        params = checked_params(args.params)  # before Prefect: a config error is one line, no traceback
         if args.command == "serve":
             serve(args.params)
         elif args.command == "deploy":
@@ -160,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             # SIGTERM (a stopped container, a cancelled job) becomes an exception, so the run
             # settles its requests and Prefect stops its server; kill -9 is left to the next run.
             signal.signal(signal.SIGTERM, _terminated)
-            with quiet_tracebacks():
+            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+            # Prefect's own 20 s for its temporary server is too short on a busy 2-core machine
+            timeout = {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: int(params["ops"]["prefect_startup_timeout_s"])}
+            with quiet_tracebacks(), temporary_settings(updates=timeout):
                 outcome = deletion_requests(args.params)
             print(outcome)
             return errors.NEGATIVE if outcome.get("failed") else errors.OK

@@ -284,6 +284,10 @@ def test_flow_registers_a_candidate_and_approval_makes_it_champion_and_deletes_t
         assert text in out, text
     report = mlflow.artifacts.load_text(f"runs:/{version.run_id}/review/report.md")
     assert "req-000001, req-000002" in report and "| forget_accuracy |" in report
+    from prefect.artifacts import Artifact
+
+    artifact = Artifact.get("deletion-evidence")  # the Prefect run's evidence, with the MLflow links
+    assert artifact is not None and f"models:/{name}/" in artifact.data and version.run_id in artifact.data
 
     # Approval: the alias moves, the decision is recorded, the samples join the deletion list.
     code, out = run_cli(capsys, "review", "approve", "2", "--reviewer", "carol", "--reason", "evidence is fine")
@@ -298,6 +302,19 @@ def test_flow_registers_a_candidate_and_approval_makes_it_champion_and_deletes_t
         assert ledger.events(request_id)[-1].actor == "carol"
     deleted = pd.read_csv(ops["data"]["deleted"])
     assert sorted(deleted["sample_id"]) == forget
+    # The roles say what each version is now; the evidence is the version's description.
+    assert version.tags["unlearnops.role"] == "champion"
+    assert model_registry.get_version(client, name, 1).tags["unlearnops.role"] == "former champion"
+    assert "| forget_accuracy |" in version.description and "## Gates" in version.description
+
+    # The champion moved outside the review (the MLflow UI's alias pencil) is found and moved back.
+    client.set_registered_model_alias(name, model_registry.CHAMPION, "1")
+    code, out = run_cli(capsys, "review", "list")
+    assert code == 0 and "moved outside the review" in out and "restored to v2" in out
+    assert model_registry.get_alias(client, name, model_registry.CHAMPION).version == 2
+    last = ledger.alias_history(name)[-1]
+    assert (last.alias, last.version, last.previous_version) == ("champion", "2", "1") and "restored" in last.note
+    assert "moved outside" not in run_cli(capsys, "review", "list")[1]  # agreed again: nothing to say
 
     # A later deletion run already leaves them out of the retain set, before `prepare` reruns...
     _, parts = deletion._parts(ops, user_samples(train_users(3)[2]))

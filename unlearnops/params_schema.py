@@ -256,6 +256,7 @@ class Ops(Strict):
     gates: Gates
     onnx: Onnx
     work_pool: Annotated[str, StringConstraints(min_length=1)]
+    prefect_startup_timeout_s: Annotated[int, Field(ge=1)]
     schedule: Schedule
     benchmark: OpsBenchmark
 

@@ -423,6 +423,32 @@ def evidence_markdown(work: dict, evidence: dict, verdicts: list[dict]) -> str:
     ])
 
 
+def review_markdown(params: dict, work_dir: str | Path, result: dict) -> str:
+    """The evidence of a deletion run as Markdown with links to its MLflow run and version (the
+    registered version's description and the Prefect run's artifact)."""
+    work_dir = Path(work_dir)
+    work, evidence = _read_json(work_dir / WORK_FILE), _read_json(work_dir / EVIDENCE_FILE)
+    verdicts = judge(evidence, Gates.from_params(params))
+    ui, name = str(params["ops"]["ui_url"]).rstrip("/"), model_registry.model_name(params)
+    links = [f"- MLflow run: {ui}/#/experiments/{_experiment_id(params)}/runs/{result['run_id']}"]
+    if result.get("version"):
+        links.append(f"- registered: models:/{name}/{result['version']} ({ui}/#/models/{name}/versions/{result['version']}); "
+                     "review it with `unlearnops review list`")
+    else:
+        links.append("- nothing registered: a gate failed (`unlearnops review list --failed`)")
+    return evidence_markdown(work, evidence, verdicts) + "\n## Links\n" + "\n".join(links) + "\n"
+
+
+def _experiment_id(params: dict) -> str:
+    experiment = model_registry.client(params).get_experiment_by_name(params["mlflow"]["experiment"])
+    return "?" if experiment is None else experiment.experiment_id
+
+
+def restore_champion(params: dict) -> str | None:
+    """model_registry.restore_champion for params.yaml's registered model and ledger."""
+    return model_registry.restore_champion(model_registry.client(params), open_ledger(params), model_registry.model_name(params))
+
+
 def _reuse(mlflow_client, name: str, version, work: dict, ledger: Ledger | None = None) -> dict:
     """A version already registered for this exact work: make it the candidate again, unless a
     reviewer rejected it (running the same work again would give the same model)."""
@@ -434,6 +460,7 @@ def _reuse(mlflow_client, name: str, version, work: dict, ledger: Ledger | None 
                             "before retrying")
     _mark_superseded(mlflow_client, name, model_registry.pending_candidate(mlflow_client, name), version.version)
     mlflow_client.set_model_version_tag(name, version.version, "review_status", model_registry.PENDING)
+    model_registry.set_role(mlflow_client, name, version.version, "candidate")
     model_registry.move_alias(mlflow_client, name, model_registry.CANDIDATE, version.version, ledger,
                               ACTOR, note=f"v{version.version} registered for this exact work before")
     return {"version": str(version.version), "run_id": version.run_id, "method": work["method"], "failed_gates": []}
@@ -444,6 +471,7 @@ def _mark_superseded(mlflow_client, name: str, previous, new_version: str) -> No
     if previous is not None and str(previous.version) != str(new_version):
         mlflow_client.set_model_version_tag(name, previous.version, "review_status", model_registry.SUPERSEDED)
         mlflow_client.set_model_version_tag(name, previous.version, "superseded_by", str(new_version))
+        model_registry.set_role(mlflow_client, name, previous.version, "superseded")
 
 
 def register(params: dict, work_dir: str | Path) -> dict:
@@ -480,6 +508,7 @@ def register(params: dict, work_dir: str | Path) -> dict:
         version = model_registry.register(mlflow_client, name, info, run.info.run_id,
                                     _version_tags(work, evidence, verdicts, parity), model_registry.CANDIDATE,
                                     open_ledger(params), ACTOR)
+        mlflow_client.update_model_version(name, version.version, description=evidence_markdown(work, evidence, verdicts))
         _mark_superseded(mlflow_client, name, previous, version.version)
     return {**result, "version": str(version.version)}
 

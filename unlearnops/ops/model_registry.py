@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # torch and ONNX load in the functions that use them: `review
     from unlearnops.stack import ModelStack
 
 CHAMPION = "champion"
+ROLE = "unlearnops.role"
 CANDIDATE = "candidate"
 STACK_PATH = "extra_files/models.pt"  # where mlflow.onnx.log_model puts extra_files
 ONNX_REQUIREMENTS = ["onnx==1.23.2", "onnxruntime==1.31.1"]
@@ -243,9 +244,33 @@ def pending_candidate(mlflow_client, name: str):
 
 
 def candidates(mlflow_client, name: str, include_decided: bool = False) -> list:
-    """Unlearned candidate versions, newest first: those awaiting review, or all."""
-    found = versions(mlflow_client, name, **{"unlearnops.role": "candidate"})
+    """Unlearned versions (those with a review status), newest first: those awaiting review, or all."""
+    found = [v for v in versions(mlflow_client, name) if "review_status" in v.tags]
     return found if include_decided else [v for v in found if v.tags.get("review_status") == PENDING]
+
+
+def set_role(mlflow_client, name: str, version, role: str) -> None:
+    """`unlearnops.role` says what a version is now: target, candidate, champion, former champion,
+    rejected or superseded (review_status keeps the review's own outcome)."""
+    mlflow_client.set_model_version_tag(name, str(version), ROLE, role)
+
+
+def restore_champion(mlflow_client, ledger: Ledger, name: str) -> str | None:
+    """If `champion` points elsewhere than the ledger's last recorded move (the alias was moved
+    outside the review, e.g. with the MLflow UI's pencil), move it back and record that; returns
+    what was found, or None when the two agree (or the ledger has no champion move yet)."""
+    moves = [e for e in ledger.alias_history(name) if e.alias == CHAMPION]
+    if not moves:
+        return None
+    approved = moves[-1].version
+    current = get_alias(mlflow_client, name, CHAMPION)
+    found = None if current is None else str(current.version)
+    if found == approved:
+        return None
+    move_alias(mlflow_client, name, CHAMPION, approved, ledger, actor="unlearnops",
+               note=f"restored: moved to v{found} outside the review")
+    return (f"the '{CHAMPION}' alias of '{name}' pointed at v{found}, not at v{approved} as the ledger's reviews say: "
+            f"it was moved outside the review and is restored to v{approved}")
 
 
 def request_ids_of(version) -> list[str]:
@@ -289,9 +314,12 @@ def _finish_review(mlflow_client, ledger: Ledger, params: dict, name: str, versi
     number = str(version.version)
     if review.decision == APPROVED:
         apply_approved(ledger, params["data"]["deleted"], review.request_ids, review.at)
-        if get_alias(mlflow_client, name, CHAMPION) is None or \
-                str(get_alias(mlflow_client, name, CHAMPION).version) != number:
+        previous = get_alias(mlflow_client, name, CHAMPION)
+        if previous is None or str(previous.version) != number:
             mlflow_client.set_registered_model_alias(name, CHAMPION, number)
+            if previous is not None:
+                set_role(mlflow_client, name, previous.version, "former champion")
+    set_role(mlflow_client, name, number, "champion" if review.decision == APPROVED else "rejected")
     candidate = get_alias(mlflow_client, name, CANDIDATE)
     for key, value in {"reviewed_by": review.reviewer, "reviewed_at": review.at.isoformat(timespec="seconds"),
                        "review_reason": review.reason or "", "review_status": review.decision}.items():

@@ -57,6 +57,9 @@ def _deadline(ledger: Ledger | None, version) -> str:
 def cmd_list(mlflow_client, params: dict, include_decided: bool = False, ledger: Ledger | None = None) -> int:
     console = Console()
     name = model_registry.model_name(params)
+    restored = None if ledger is None else model_registry.restore_champion(mlflow_client, ledger, name)
+    if restored:
+        console.print(f"[bold red]warning:[/bold red] {escape(restored)}", highlight=False)
     champion = model_registry.get_alias(mlflow_client, name, model_registry.CHAMPION)
     console.print(f"registered model [bold]{escape(name)}[/bold]; champion: "
                   + (f"v{champion.version} ({champion.tags.get('unlearnops.role', '?')})" if champion else "none"),

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import time
 from contextlib import contextmanager
@@ -399,8 +400,6 @@ def _version_tags(work: dict, evidence: dict, verdicts: list[dict], parity: dict
         "gates": "passed",
     }
     tags |= {f"gate.{v['gate']}": f"{v['status']}: {v['detail']} (limit {v['limit']:g})" for v in verdicts}
-    tags |= {f"metric.{model}.{k}": "n/a" if value is None else f"{value:.4f}"
-             for model, values in evidence["metrics"].items() for k, value in values.items()}
     tags |= {f"onnx.{k}": f"{v:.6g}" for k, v in parity.items()}
     tags |= {k: f"{v:.2f}" for k, v in evidence["seconds"].items()}
     return tags
@@ -493,7 +492,7 @@ def register(params: dict, work_dir: str | Path) -> dict:
     with mlflow.start_run(run_name=f"deletion-{work['work_key'][:8]}", tags=tags) as run:
         mlflow.log_params({"method": work["method"], "base_version": work["base_version"], "seed": work["seed"],
                            "n_requests": len(work["request_ids"]), "n_forget_samples": len(work["forget_sample_ids"])})
-        mlflow.log_metrics({k: v for k, v in tracking.flatten(evidence["metrics"]).items() if v is not None})
+        mlflow.log_metrics({k: v for k, v in tracking.flatten(evidence["metrics"]).items() if v is not None and math.isfinite(v)})
         mlflow.log_dict({"work": work, "evidence": evidence, "gates": verdicts}, "review/evidence.json")
         mlflow.log_text(evidence_markdown(work, evidence, verdicts), "review/report.md")
         result = {"version": None, "run_id": run.info.run_id, "method": work["method"], "failed_gates": failed}

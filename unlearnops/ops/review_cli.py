@@ -16,22 +16,22 @@ from unlearnops.ops import errors, model_registry
 from unlearnops.ops.ledger import Ledger, LedgerError, time_left
 
 MODELS = ("candidate", "champion", "retrain")
-METRICS = ("forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc", "mia_accuracy")
+METRICS = ("forget_accuracy", "retain_accuracy", "test_accuracy", "loss_auc", "mia_auc", "mia_accuracy")
 
 
-def _evidence_table(version) -> Table:
-    tags = version.tags
+def _evidence_table(version, run_metrics: dict) -> Table:
+    """The version's metrics side by side, from its MLflow run (logged as <model>.<metric>)."""
     table = Table(title=f"v{version.version}: metrics on this run's forget set", title_justify="left")
     table.add_column("metric")
     for model in MODELS:
         table.add_column(model if model != "retrain" else "retrained", justify="right")
     for metric in METRICS:
-        table.add_row(metric, *[tags.get(f"metric.{model}.{metric}", "-") for model in MODELS])
+        values = [run_metrics.get(f"{model}.{metric}") for model in MODELS]
+        table.add_row(metric, *["-" if v is None else f"{v:.4f}" for v in values])
     return table
 
 
-def _links(mlflow_client, params: dict, version) -> list[tuple[str, str]]:
-    run = mlflow_client.get_run(version.run_id)
+def _links(run, params: dict, version) -> list[tuple[str, str]]:
     ui = str(params["ops"]["ui_url"]).rstrip("/")
     return [
         ("MLflow run", f"{ui}/#/experiments/{run.info.experiment_id}/runs/{version.run_id}"),
@@ -70,6 +70,7 @@ def cmd_list(mlflow_client, params: dict, include_decided: bool = False, ledger:
         return 0
     for version in found:
         tags = version.tags
+        run = mlflow_client.get_run(version.run_id)
         status = tags.get("review_status", "?")
         aliases = f" [{', '.join(version.aliases)}]" if version.aliases else ""
         console.rule(escape(f"v{version.version}{aliases}: {status}"), align="left")
@@ -86,11 +87,11 @@ def cmd_list(mlflow_client, params: dict, include_decided: bool = False, ledger:
             *[(f"gate {k.removeprefix('gate.')}", v) for k, v in sorted(tags.items()) if k.startswith("gate.")],
             *[(k.replace("_", " "), tags[k]) for k in ("superseded_by", "reviewed_by", "reviewed_at", "review_reason")
               if tags.get(k)],
-            *_links(mlflow_client, params, version),
+            *_links(run, params, version),
         ]:
             facts.add_row(label, escape(str(value)))
         console.print(facts)
-        console.print(_evidence_table(version))
+        console.print(_evidence_table(version, run.data.metrics))
     return 0
 
 

@@ -999,7 +999,7 @@ PARAMS_CASES = [  # (key path, bad value, words the message must hold)
     ("train.fit.momentum", 1.5, "train.fit.momentum must be < 1"),
     ("train.fit.bogus", 1, "train.fit.bogus: unknown key"),
     ("train.seed", 1.5, "train.seed"),
-    ("folds.k", 1, "folds.k must be >= 2"),
+    ("relearn.k", 1, "relearn.k must be >= 2"),
     ("unlearn.methods", [], "unlearn.methods"),
     ("unlearn.methods", "finetune", "unlearn.methods"),
     ("condense.blend.ipc", 0, "condense.blend.ipc must be >= 1"),

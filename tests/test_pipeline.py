@@ -395,7 +395,7 @@ def test_bad_inputs_fail_with_one_line_and_damage_nothing(pipeline_run):
     (root / "bad.yaml").write_text(yaml.safe_dump(bad))
     env = {**os.environ, "UNLEARNOPS_PARAMS": "bad.yaml", "PYTHONPATH": str(root)}
     result = subprocess.run([sys.executable, "stages/train_target.py", "synthetic"], cwd=root, capture_output=True, text=True, env=env)
-    assert result.returncode == 2 and "unknown architecture 'vgg'; allowed:" in result.stderr
+    assert result.returncode == 2 and "model.arch must be one of 'small_resnet'" in result.stderr and "got 'vgg'" in result.stderr
     assert target.read_bytes() == original
 
 

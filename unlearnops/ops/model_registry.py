@@ -284,9 +284,9 @@ def _reviewable(mlflow_client, name: str, number: int | str):
     """A candidate a reviewer may decide on; RegistryError naming why not otherwise."""
     version = get_version(mlflow_client, name, number)
     tags = version.tags
-    if tags.get("unlearnops.role") != "candidate":
+    if "review_status" not in tags:  # not an unlearned version (the target, say)
         raise RegistryError(f"v{version.version} of '{name}' is not an unlearned candidate "
-                            f"(role: {tags.get('unlearnops.role', 'none')})")
+                            f"(role: {tags.get(ROLE, 'none')})")
     if tags.get("gates") != "passed":
         failed = [f"{k}: {v}" for k, v in sorted(tags.items()) if k.startswith("gate.") and v.startswith("fail")]
         raise RegistryError(f"v{version.version}: its gates did not pass ({'; '.join(failed) or 'no gate verdicts'}); "

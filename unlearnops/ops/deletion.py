@@ -61,7 +61,7 @@ from unlearnops.training import FitConfig, Runtime, Stream, predict, train_from_
 
 ACTOR = "deletion-flow"
 WORK_FILE, CHAMPION_FILE, CANDIDATE_FILE = "work.json", "champion.pt", "candidate.pt"
-TIMING_FILE, EVIDENCE_FILE = "unlearn.json", "evidence.json"
+TIMING_FILE, EVIDENCE_FILE, GATES_FILE = "unlearn.json", "evidence.json", "gates.json"
 SPLITS = ("retain", "forget", "test")
 
 
@@ -131,13 +131,8 @@ def holding_lease(params: dict, holder: str | None = None):
 def close_dead_runs(params: dict) -> list[str]:
     """Mark deletion runs that MLflow still shows RUNNING as FAILED: called while holding the
     lease, so no live deletion run has one open. Returns their run ids."""
-    mlflow = tracking.configure(params)
-    experiment = mlflow.get_experiment_by_name(params["mlflow"]["experiment"])
-    if experiment is None:
-        return []
     mlflow_client = model_registry.client(params)
-    runs = mlflow_client.search_runs([experiment.experiment_id],
-                                     "attributes.status = 'RUNNING' and tags.`unlearnops.stage` = 'deletion'")
+    runs = model_registry.deletion_runs(mlflow_client, params, "attributes.status = 'RUNNING'")
     for run in runs:
         mlflow_client.set_tag(run.info.run_id, "unlearnops.note", "its deletion run died; closed by the next run")
         mlflow_client.set_terminated(run.info.run_id, "FAILED")
@@ -427,20 +422,16 @@ def review_markdown(params: dict, work_dir: str | Path, result: dict) -> str:
     registered version's description and the Prefect run's artifact)."""
     work_dir = Path(work_dir)
     work, evidence = _read_json(work_dir / WORK_FILE), _read_json(work_dir / EVIDENCE_FILE)
-    verdicts = judge(evidence, Gates.from_params(params))
+    verdicts = _read_json(work_dir / GATES_FILE)["verdicts"]  # as `register` judged them
     ui, name = str(params["ops"]["ui_url"]).rstrip("/"), model_registry.model_name(params)
-    links = [f"- MLflow run: {ui}/#/experiments/{_experiment_id(params)}/runs/{result['run_id']}"]
+    experiment_id = model_registry.client(params).get_run(result["run_id"]).info.experiment_id
+    links = [f"- MLflow run: {ui}/#/experiments/{experiment_id}/runs/{result['run_id']}"]
     if result.get("version"):
         links.append(f"- registered: models:/{name}/{result['version']} ({ui}/#/models/{name}/versions/{result['version']}); "
                      "review it with `unlearnops review list`")
     else:
         links.append("- nothing registered: a gate failed (`unlearnops review list --failed`)")
     return evidence_markdown(work, evidence, verdicts) + "\n## Links\n" + "\n".join(links) + "\n"
-
-
-def _experiment_id(params: dict) -> str:
-    experiment = model_registry.client(params).get_experiment_by_name(params["mlflow"]["experiment"])
-    return "?" if experiment is None else experiment.experiment_id
 
 
 def restore_champion(params: dict) -> str | None:
@@ -481,6 +472,7 @@ def register(params: dict, work_dir: str | Path) -> dict:
     work_dir = Path(work_dir)
     work, evidence = _read_json(work_dir / WORK_FILE), _read_json(work_dir / EVIDENCE_FILE)
     verdicts = judge(evidence, Gates.from_params(params))
+    write_json(work_dir / GATES_FILE, {"verdicts": verdicts})  # the one judgement the run's report shows
     failed = [f"{v['gate']}: {v['detail']} > {v['limit']:g}" for v in verdicts if v["status"] == "fail"]
     name, mlflow_client = model_registry.model_name(params), model_registry.client(params)
     existing = model_registry.versions(mlflow_client, name, work_key=work["work_key"])

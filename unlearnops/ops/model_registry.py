@@ -64,6 +64,15 @@ def client(params: dict):
     return MlflowClient()
 
 
+def deletion_runs(mlflow_client, params: dict, condition: str, **search) -> list:
+    """The deletion flow's MLflow runs in params' experiment matching `condition` (an MLflow
+    filter, ANDed to the deletion-stage tag); none if the experiment does not exist yet."""
+    experiment = mlflow_client.get_experiment_by_name(params["mlflow"]["experiment"])
+    if experiment is None:
+        return []
+    return mlflow_client.search_runs([experiment.experiment_id], f"tags.`unlearnops.stage` = 'deletion' and {condition}", **search)
+
+
 # Registered model names this module accepts: no quote, backtick or backslash can reach a filter.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]{0,199}")
 

@@ -99,10 +99,8 @@ def cmd_failed(mlflow_client, params: dict, limit: int = 20) -> int:
     """The latest deletion runs whose candidate failed a gate (nothing was registered): when, which
     requests, the method, the gates that failed, and the MLflow run with the evidence."""
     console = Console()
-    experiment = mlflow_client.get_experiment_by_name(params["mlflow"]["experiment"])
-    runs = [] if experiment is None else mlflow_client.search_runs(
-        [experiment.experiment_id], "tags.`unlearnops.stage` = 'deletion' and tags.gates = 'failed'",
-        max_results=limit, order_by=["attributes.start_time DESC"])
+    runs = model_registry.deletion_runs(mlflow_client, params, "tags.gates = 'failed'",
+                                        max_results=limit, order_by=["attributes.start_time DESC"])
     if not runs:
         console.print("no deletion runs with failed gates", highlight=False)
         return 0

@@ -81,7 +81,7 @@ def _assert_same(a, b) -> None:
 def test_merged_chunks_equal_the_unchunked_run(params, kind, method, condense):
     whole = chunks.assemble(params, None, kind, method, condense)
     assert whole[0].n == 4 and whole[1].n_models == 4
-    for size in (3, 1) if kind == "unlearn" else (2, 3, 1):  # N=4 as [2, 2], [3, 1], [1, 1, 1, 1]
+    for size in (1,) if kind == "unlearn" else (3, 1):  # N=4 as [3, 1] and [1, 1, 1, 1] (one model per pass: any chunking keeps the passes)
         chunked = _with(params, chunk_models=size)
         assert [len(c.seeds) for c in chunks.plan(chunked, None, kind, method, condense)] == {1: [1] * 4, 2: [2, 2], 3: [3, 1]}[size]
         merged = chunks.assemble(chunked, None, kind, method, condense)
@@ -203,3 +203,30 @@ def test_store_errors_are_one_line(tmp_path, params):
     run = subprocess.run([sys.executable, "-m", "unlearnops.chunks", "--params", str(tmp_path / "none.yaml"), "run", "{}"],
                          text=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "none.yaml" in run.stderr
+
+
+@pytest.mark.slow  # MLflow runs of the real stages
+def test_the_retrain_and_unlearn_stages_merge_from_the_store(params, tmp_path, monkeypatch):
+    """pipeline.retrain / pipeline.unlearn with runtime.store: the chunks go through the store, the
+    stage's outputs are the merged run, and a second run of the stage (another host's `dvc repro`)
+    computes nothing the store holds."""
+    from unlearnops import pipeline
+    from unlearnops.outputs import RunOutputs
+    from unlearnops.stack import ModelStack
+
+    stored = _with(params, chunk_models=2, store=str(tmp_path / "store"))
+    stored["mlflow"].update(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "mlartifacts"))
+    pipeline.retrain(stored)
+    pipeline.unlearn(stored, "a_amu", condense="blend")
+    assert len(list((tmp_path / "store" / "chunks").iterdir())) == 4
+    for folder, run in ((FLAT.retrain, ("retrain", None, None)), (FLAT.unlearned / "a_amu+blend", ("unlearn", "a_amu", "blend"))):
+        _assert_same((ModelStack.load(folder / "models.pt"), RunOutputs.load(folder / "logits.npz")), chunks.assemble(params, None, *run))
+    sizes = json.loads((FLAT.unlearned / "a_amu+blend" / "condense.json").read_text())
+    assert sizes["retain_after"] == sizes["kept"] + sizes["blended"] < sizes["retain_before"]
+    summary = json.loads((FLAT.metrics / "retrain.json").read_text())
+    walls = [json.loads((d / "meta.json").read_text())["wall_seconds"] for d in (tmp_path / "store" / "chunks").iterdir()
+             if json.loads((d / "meta.json").read_text())["chunk"]["kind"] == "retrain"]
+    assert summary["wall_seconds"] == pytest.approx(sum(walls)) and summary["seconds_per_model"] == pytest.approx(sum(walls) / 4)
+    monkeypatch.setattr(chunks, "compute", lambda *a: pytest.fail("recomputed a stored chunk"))
+    pipeline.retrain(stored)
+    pipeline.unlearn(stored, "a_amu", condense="blend")

@@ -230,3 +230,16 @@ def test_the_retrain_and_unlearn_stages_merge_from_the_store(params, tmp_path, m
     monkeypatch.setattr(chunks, "compute", lambda *a: pytest.fail("recomputed a stored chunk"))
     pipeline.retrain(stored)
     pipeline.unlearn(stored, "a_amu", condense="blend")
+
+
+def test_fetch_inputs_replaces_stale_files_only(params, tmp_path):
+    store = Store(str(tmp_path / "store"))
+    manifest = chunks.publish_inputs(params, None, store, kind="retrain")
+    assert set(manifest) == {"data/prepared/images.pt", "data/prepared/samples.csv"}
+    worker = tmp_path / "worker"
+    assert len(chunks.fetch_inputs(manifest, store, worker)) == 2
+    (worker / "data/prepared/samples.csv").write_text("stale\n")
+    assert chunks.fetch_inputs(manifest, store, worker) == [worker / "data/prepared/samples.csv"]
+    assert (worker / "data/prepared/samples.csv").read_bytes() == (FLAT.prepared / "samples.csv").read_bytes()
+    with pytest.raises(ConfigError, match="must be relative"):
+        chunks.fetch_inputs({"../x": manifest["data/prepared/samples.csv"]}, store, worker)

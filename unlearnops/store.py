@@ -67,8 +67,10 @@ class Store:
     # ------------------------------------------------------------ chunk outputs
 
     def has(self, key: str) -> bool:
-        """Whether the chunk `key` is stored completely."""
-        return self._call(f"looking up {key}", self.fs.exists, self._join("chunks", key, COMPLETE))
+        """Whether the chunk `key` is stored completely (asked afresh: another worker may have put it)."""
+        marker = self._join("chunks", key, COMPLETE)
+        self.fs.invalidate_cache(self._join("chunks", key))
+        return self._call(f"looking up {key}", self.fs.exists, marker)
 
     def put(self, key: str, local_dir: str | Path) -> None:
         """Upload the files of `local_dir` as chunk `key` (flat: no sub-folders); a key already

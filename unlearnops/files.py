@@ -7,6 +7,7 @@ power cut. A failed write removes its temporary file and leaves the old file as 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -88,3 +89,12 @@ def savez(path: str | Path, **arrays) -> None:
     import numpy as np
 
     write_atomic(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+
+
+def file_md5(path: str | Path) -> str:
+    """md5 of a file's bytes, read in blocks (DVC names files by the same hash)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

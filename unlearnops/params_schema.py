@@ -100,6 +100,8 @@ class Runtime(Strict):
     eval_batch_size: PositiveInt
     bf16: bool
     compile: bool | Literal["auto"]
+    chunk_models: PositiveInt | None
+    store: str | None
 
 
 class Fit(Strict):

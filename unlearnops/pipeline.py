@@ -6,17 +6,15 @@ the methods are imported only in the functions that use them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from pathlib import Path
 
 from unlearnops import data as data_lib
 from unlearnops import tracking
 from unlearnops.config import choose
-from unlearnops.files import savez, write_json
+from unlearnops.files import file_md5, savez, write_json
 from unlearnops.layout import (FLAT, MODELS, REPORTS, SPLIT, SUMMARY, Layout, dataset_layout, dataset_of, dataset_params,
-                               ops_dataset, seeds, setting_layout, setting_params, settings)
+                               ops_dataset, setting_layout, setting_params, settings)
 
 
 # ---------------------------------------------------------------- stages
@@ -50,14 +48,6 @@ def prepare(params: dict, setting: str | None = None) -> dict:
     return summary
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def record_inputs(params: dict, setting: str) -> dict:
     """models/<setting>/inputs.json: the hashes of the split and the target that the setting's
     unlearning runs read. DVC's matrix stages (setting x method) cannot name a setting's data set,
@@ -67,40 +57,31 @@ def record_inputs(params: dict, setting: str) -> dict:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"{', '.join(missing)} not found (run the split and train_target stages first)")
-    inputs = {"dataset": dataset_of(params, setting), "md5": {str(f): _md5(f) for f in files}}
+    inputs = {"dataset": dataset_of(params, setting), "md5": {str(f): file_md5(f) for f in files}}
     write_json(MODELS / setting / "inputs.json", inputs)
     return inputs
 
 
-def _train_stage(params: dict, where: Layout, name: str, out_dir: Path, split_name: str, seed_list: list[int],
-                 metrics_path: Path, register: bool, run_name: str) -> dict:
-    """Train `seed_list`'s models on `split_name`; save them with their logits; with `register`, log
-    the model to MLflow and make it the first champion of the deletion flow."""
+def _train_stage(params: dict, where: Layout, name: str, out_dir: Path, n_models: int, compute, metrics_path: Path, register: bool,
+                 run_name: str) -> dict:
+    """Train `n_models` models with `compute()` -> (ModelStack, RunOutputs); save them with their
+    logits; with `register`, log the model to MLflow and make it the first champion of the deletion flow."""
     from unlearnops import evaluation
     from unlearnops.ops import model_registry
-    from unlearnops.config import build_dataclass
-    from unlearnops.nets import model_spec
-    from unlearnops.outputs import eval_parts, run_outputs
-    from unlearnops.training import FitConfig, Runtime, Stream, train_from_scratch
 
-    runtime = Runtime.from_params(params)
-    data = _load_data(where)
-    spec = model_spec(params, data.num_classes, data.in_channels, data.image_size)
-    logged = {"model": params["model"], "train": params["train"], "n_models": len(seed_list)}
+    logged = {"model": params["model"], "train": params["train"], "n_models": n_models}
     with tracking.stage_run(params, name, logged, run_name=run_name, spool=not register) as (mlflow, run):
-        fit = build_dataclass(FitConfig, params["train"]["fit"], "train.fit")
-        stream = Stream(data[split_name].x, data[split_name].y, params["train"]["fit"]["batch_size"], bool(params["train"]["augment"]))
-        stack, wall = train_from_scratch(spec, seed_list, stream, fit, runtime, desc=name)
+        stack, outputs = compute()
+        wall = outputs.wall_seconds
         out_dir.mkdir(parents=True, exist_ok=True)
         stack.save(out_dir / "models.pt")
-        parts = eval_parts(data, params["evaluate"]["retain_max_samples"], params["evaluate"]["seed"])
-        outputs = run_outputs(stack, parts, runtime, wall)
         outputs.save(out_dir / "logits.npz")
         summary = {"n_models": stack.n, "accuracy": evaluation.accuracy_summary(outputs), "seconds_per_model": wall / stack.n, "wall_seconds": wall}
         write_json(metrics_path, summary)
         mlflow.log_metrics(tracking.flatten({"accuracy": summary["accuracy"]}) | {"seconds_per_model": wall / stack.n, "wall_seconds": wall})
         mlflow.set_tag("unlearnops.models", str(out_dir / "models.pt"))  # the weights are DVC's output
         if register:  # the one model the deletion flow starts from gets an MLflow model and a registry version
+            data = _load_data(where)
             tracking.log_model(mlflow, stack.module(0), data["test"].x[:2].numpy())
             accuracy = {f"{s}_accuracy": float(outputs.accuracy(s)[0]) for s in ("val", "test")}
             files = [where.split / "images.pt", where.prepared / "samples.csv", Path(params["data"]["deleted"])]
@@ -118,14 +99,24 @@ def train_target(params: dict, dataset: str | None = None) -> dict:
         p, where, register = params, FLAT, True
     else:
         p, where, register = dataset_params(params, dataset), dataset_layout(dataset), dataset == ops_dataset(params)
-    return _train_stage(p, where, "target", where.target, "train", [int(p["train"]["seed"])], where.target_metrics, register,
+    from unlearnops.chunks import trained
+    from unlearnops.training import Runtime
+
+    def compute():
+        return trained(p, _load_data(where), "train", [int(p["train"]["seed"])], Runtime.from_params(p), desc="target")
+
+    return _train_stage(p, where, "target", where.target, 1, compute, where.target_metrics, register,
                         "target" if dataset is None else f"target-{dataset}")
 
 
 def retrain(params: dict, setting: str | None = None) -> dict:
-    """The gold standard: N models trained from scratch on retain only, one seed each."""
+    """The gold standard: N models trained from scratch on retain only, one seed each, in chunks
+    of runtime.chunk_models through the store runtime.store (unlearnops/chunks.py)."""
+    from unlearnops import chunks
+
     p, where = _params_of(params, setting)
-    return _train_stage(p, where, "retrain", where.retrain, "retain", seeds(int(p["retrain"]["seed"]), int(p["n_models"])),
+    return _train_stage(p, where, "retrain", where.retrain, int(p["n_models"]),
+                        lambda: chunks.assemble(params, setting, "retrain", store=chunks.store_of(params)),
                         where.metrics / "retrain.json", False, "retrain" if setting is None else f"retrain-{setting}")
 
 
@@ -144,41 +135,28 @@ def _suffix(setting: str | None, name: str) -> str:
 
 def unlearn(params: dict, method_name: str, setting: str | None = None, condense: str | None = None) -> dict:
     """Run `method_name` N times from the one target model, one seed per run; with `condense`
-    (a condenser of unlearnops.condense) on the condensed retain set, condensing included in the time."""
-    from unlearnops import methods
-    from unlearnops.outputs import eval_parts, run_outputs
-    from unlearnops.stack import ModelStack
-    from unlearnops.training import Runtime
+    (a condenser of unlearnops.condense) on the condensed retain set, condensing included in the time.
+    The runs are computed in chunks of runtime.chunk_models through the store runtime.store
+    (unlearnops/chunks.py: what the store holds is not recomputed)."""
+    from unlearnops import chunks, methods
 
     p, where = _params_of(params, setting)
-    runtime = Runtime.from_params(p)
-    method = methods.get_method(method_name, p)
+    methods.get_method(method_name, p)  # unknown names fail with the allowed list, before any work
     name = run_name(method_name, condense)
-    data = _load_data(where)
-    target = ModelStack.load(where.target / "models.pt")
-    retain = data["retain"]
     logged = {"setting": setting or "", "method": method_name, "hparams": p["methods"][method_name], "n_models": p["n_models"]}
     if condense is not None:
         logged["condense"] = {"name": condense, **p.get("condense", {}).get(condense, {})}
     with tracking.stage_run(params, "unlearn", logged, run_name=f"unlearn-{_suffix(setting, name)}") as (mlflow, _):
-        start = time.perf_counter()
-        if condense is not None:
-            from unlearnops import condense as condense_lib
-
-            condensed = condense_lib.condense(condense, p, retain, data["forget"], target, runtime)
-            retain = condensed.retain
-            sizes = {"retain_before": len(data["retain"]), "retain_after": len(retain), "kept": condensed.n_kept, "blended": condensed.n_blended}
-        unlearn_data = methods.UnlearnData(retain, data["forget"], data["val"], data.num_classes, bool(p["train"]["augment"]))
-        stack = method.unlearn(ModelStack.replicate(target, seeds(int(p["unlearn"]["seed"]), int(p["n_models"]))), unlearn_data, runtime)
-        wall = time.perf_counter() - start
+        stack, outputs, metas = chunks.assemble_with_meta(params, setting, "unlearn", method_name, condense, chunks.store_of(params))
+        wall = outputs.wall_seconds
         out_dir = where.unlearned / name
         out_dir.mkdir(parents=True, exist_ok=True)
         stack.save(out_dir / "models.pt")
-        parts = eval_parts(data, p["evaluate"]["retain_max_samples"], p["evaluate"]["seed"])
-        run_outputs(stack, parts, runtime, wall).save(out_dir / "logits.npz")
+        outputs.save(out_dir / "logits.npz")
         mlflow.log_metrics({"seconds_per_model": wall / stack.n, "wall_seconds": wall})
         mlflow.set_tag("unlearnops.models", str(out_dir / "models.pt"))  # the weights are DVC's output
-        if condense is not None:
+        if condense is not None:  # every chunk condensed the same retain set
+            sizes = metas[0]["condense"]
             write_json(out_dir / "condense.json", sizes)
             mlflow.log_metrics({f"condense_{k}": v for k, v in sizes.items()})
     return {"seconds_per_model": wall / stack.n}

@@ -42,6 +42,13 @@ class Unlearner:
         # (desc, [N] epochs each model trained) of every fit through `self.fit`, in order: with
         # the stopping rule on, what each run actually needed.
         self.fit_epochs: list[tuple[str, torch.Tensor]] = []
+        # The seed of a step that every run of a stage shares (conv_transpose_pseudo's quick model):
+        # run 0's seed of the whole stage. A chunk of a stage's runs (unlearnops/chunks.py) sets it,
+        # so every chunk takes the step the unchunked stage takes; None: models.seeds[0].
+        self.shared_seed: int | None = None
+
+    def shared_step_seed(self, models: ModelStack) -> int:
+        return models.seeds[0] if self.shared_seed is None else self.shared_seed
 
     def unlearn(self, models: ModelStack, data: UnlearnData, runtime: Runtime) -> ModelStack:
         raise NotImplementedError

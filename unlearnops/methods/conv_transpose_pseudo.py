@@ -14,7 +14,7 @@ optimiser defaults it shares). As the seed describes it:
    forget samples under pseudo-labels (`pseudo_label`: `quick`, the quick model's
    prediction, or `original_runner_up`, the original's second most likely class).
 
-Steps 1-2 run once, seeded by run 0 (models.seeds[0]), and every run shares the chosen
+Steps 1-2 run once, seeded by the stage's run 0 (Unlearner.shared_step_seed), and every run shares the chosen
 subset (as SalUn's runs share one mask): the training engine draws each run's batches from
 one shared data set, so per-run subsets would need one training pass per run. Step 3 runs
 per model with its own seed, as in every other method. `retain_fraction`: each epoch of step
@@ -28,7 +28,7 @@ about a tenth more time.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,8 @@ class ConvTransposePseudo(Unlearner):
         """Step 1 for run 0 only: the transposed original, briefly fine-tuned on retain (one model)."""
         cfg = self.hp.quick_fit
         stream = Stream(data.retain.x, data.retain.y, cfg.batch_size, data.augment)
-        return self.fit(data, self.transpose(models.select([0])), {"retain": stream}, cross_entropy_on("retain"), cfg, runtime, driver="retain", desc=f"{self.name} quick")
+        first = replace(models.select([0]), seeds=[self.shared_step_seed(models)])
+        return self.fit(data, self.transpose(first), {"retain": stream}, cross_entropy_on("retain"), cfg, runtime, driver="retain", desc=f"{self.name} quick")
 
     def pseudo_labelled(self, models: ModelStack, quick: ModelStack, forget: Part, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 2: indices of the round(pseudo_fraction * |forget|) forget samples (at least one)

@@ -80,6 +80,7 @@ class Layered(Unlearner):
     def unlearn(self, models, data, runtime):
         fold = assign_folds(data.forget.ids, self.hp.k, self.hp.fold_seed)
         for method, (forget_folds, kept_folds) in zip(self.stage_methods, layered_stages(self.hp.k)):
+            method.shared_seed = self.shared_seed  # a chunk's stages share the whole stage's steps too
             stage_data = UnlearnData(
                 retain=concat_parts(data.retain, part_where(data.forget, np.isin(fold, kept_folds))),
                 forget=part_where(data.forget, np.isin(fold, forget_folds)),

@@ -79,8 +79,10 @@ def local_workers(params: dict, workspace: str) -> dict[str, dict]:
     gpus = gpu_ids(cfg["gpus"])
     names = [f"gpu-{g}" for g in gpus] or [f"cpu-{i}" for i in range(int(cfg["max_parallel"]))]
     envs = [{"CUDA_VISIBLE_DEVICES": g} for g in gpus] or [{} for _ in names]
+    # memory_limit 0: a chunk's memory is set by its size, not Dask's (which would restart a worker
+    # at 95% of its share of the host's memory, 1/16 of it on a 16-core host)
     return {name: {"cls": Nanny, "options": {"nthreads": 1, "resources": {GPU: 1, workspace: 1}, "env": env, "name": name,
-                                               "dashboard": False}}
+                                               "dashboard": False, "memory_limit": 0}}
             for name, env in zip(names, envs)}
 
 
@@ -105,7 +107,8 @@ def stage_worker(address: str | None, workspace: str, slots: int):
         return
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
     worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", f"stages-{workspace}",
-                               "--nthreads", str(slots), "--resources", f"{workspace}={slots}", "--no-nanny", "--no-dashboard"],
+                               "--nthreads", str(slots), "--resources", f"{workspace}={slots}", "--no-nanny", "--no-dashboard",
+                               "--memory-limit", "0"],
                               env=env, preexec_fn=_die_with_parent)
     try:
         yield
@@ -284,6 +287,8 @@ if __name__ == "__main__":
     # Dask workers run the tasks in their own processes: they reach this run through a Prefect
     # server (PREFECT_API_URL, else a private one for the run; Prefect's ephemeral mode would start one per worker).
     params = load_params()
-    with prefect_api(".prefect/benchmark", params["ops"]["prefect_startup_timeout_s"]):
+    home = Path(".prefect/benchmark")  # not .prefect: `make serve`'s server may hold that database
+    home.mkdir(parents=True, exist_ok=True)
+    with prefect_api(home, params["ops"]["prefect_startup_timeout_s"]):
         for row in benchmark():
             print(f"{row['task']:<56} {row['seconds']:8.1f} s  {row['worker']}")

@@ -197,7 +197,7 @@ def test_two_workers_in_two_checkouts_one_killed_mid_chunk(tmp_path, repo_params
     procs = [_start(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                     here, tmp_path / "scheduler.log")]  # it unpickles the tasks: a checkout too
     workers = {name: _start(["distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}", "--name", name, "--nthreads", "1",
-                             "--resources", "GPU=1", "--no-nanny", "--no-dashboard"], copy_, logs[name])
+                             "--resources", "GPU=1", "--no-nanny", "--no-dashboard", "--memory-limit", "0"], copy_, logs[name])
                for name, copy_ in copies.items()}
     procs += workers.values()
     killed, stop = {}, threading.Event()

@@ -28,6 +28,10 @@ worker of its own in this checkout for the stages. A worker that dies mid-chunk:
 chunk again on another worker; its key is the same, so the store holds it once and the stage
 merges it once. Cluster commands and why Dask: flows/README.md. As under `unlearnops repro`, the
 stages spool their MLflow runs and the flow logs them at the end.
+
+Sources followed: prefect-dask's DaskTaskRunner and its `dask.annotate(resources=...)` example
+(docs.prefect.io/integrations/prefect-dask); Dask's worker resources and SpecCluster
+(distributed.dask.org: "Worker Resources", "SpecCluster").
 """
 from __future__ import annotations
 

@@ -243,3 +243,12 @@ def test_fetch_inputs_replaces_stale_files_only(params, tmp_path):
     assert (worker / "data/prepared/samples.csv").read_bytes() == (FLAT.prepared / "samples.csv").read_bytes()
     with pytest.raises(ConfigError, match="must be relative"):
         chunks.fetch_inputs({"../x": manifest["data/prepared/samples.csv"]}, store, worker)
+
+
+def test_chunking_and_the_store_rerun_no_dvc_stage():
+    """runtime.chunk_models and runtime.store change no result, so no DVC stage lists them."""
+    from test_dvc_deps import _param_keys, resolved_stages
+
+    for name, stage in resolved_stages().items():
+        for key in ("runtime.chunk_models", "runtime.store"):
+            assert not any(key == p or key.startswith(p + ".") for p in _param_keys(stage)), f"{name} reruns when {key} changes"

@@ -274,7 +274,10 @@ def load_chunk(store: Store, key: str, chunk: Chunk):
 
     with tempfile.TemporaryDirectory(prefix="unlearnops-chunk-") as tmp:
         folder = store.get(key, tmp, chunk.label())
-        return ModelStack.load(folder / "models.pt"), RunOutputs.load(folder / "logits.npz"), json.loads((folder / "meta.json").read_text())
+        stack, outputs, meta = ModelStack.load(folder / "models.pt"), RunOutputs.load(folder / "logits.npz"), json.loads((folder / "meta.json").read_text())
+    if stack.seeds != list(chunk.seeds) or outputs.n_models != len(chunk.seeds):
+        raise ValueError(f"store {store.url}: chunk {key} holds seeds {stack.seeds}, not those of {chunk.label()} (a corrupt store)")
+    return stack, outputs, meta
 
 
 def merge_outputs(parts: list):

@@ -31,6 +31,7 @@ bench: setup        ## speed benchmarks; they print tables
 	$(PY) benchmarks/layered_2d.py
 	$(PY) benchmarks/muso_linear.py
 	$(PY) benchmarks/pipeline_stage_times.py
+	$(PY) benchmarks/cost_model.py
 
 clean:              ## remove pipeline outputs (not the venv)
 	rm -rf data/split data/prepared evaluation metrics reports mlflow.db mlartifacts

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from prefect.testing.utilities import prefect_test_harness
 
 from unlearnops import data as data_lib
 from unlearnops.methods import UnlearnData
@@ -154,6 +155,17 @@ def repo_copy(tmp_path) -> Path:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
     return dest
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    updates = {PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home")), PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    with temporary_settings(updates=updates):
+        # The temporary server can take a minute to start on a busy machine.
+        with prefect_test_harness(server_startup_timeout=300):
+            yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -27,7 +27,6 @@ import pytest
 import sqlalchemy
 import torch
 import yaml
-from prefect.testing.utilities import prefect_test_harness
 
 from flows import benchmark as benchmark_flow
 from flows import deletion as deletion_flow
@@ -43,17 +42,6 @@ from unlearnops.stages import run_stage
 
 LOOSE_GATES = {"max_forget_accuracy_gap": 1.0, "max_mia_auc_gap": 1.0, "max_test_accuracy_drop": 1.0,
                "max_retain_accuracy_drop": 1.0, "mia_splits": 3, "retrain_reference": False}
-
-
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-
-    updates = {PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home")), PREFECT_SERVER_ANALYTICS_ENABLED: False}
-    with temporary_settings(updates=updates):
-        # The temporary server can take a minute to start on a busy machine.
-        with prefect_test_harness(server_startup_timeout=300):
-            yield
 
 
 def ops_params(repo_params: dict, store) -> dict:
@@ -649,82 +637,6 @@ def test_serve_runs_the_flow_on_its_schedule_with_a_private_local_server(tmp_pat
     assert "local Prefect server: UI http://127.0.0.1:" in output
     assert output.count("no pending deletion requests") >= 2, output[-3000:]  # two scheduled runs
     assert (tmp_path / ".prefect").is_dir()
-
-
-# ------------------------------------------------------------------ the benchmark flow
-
-
-def test_device_slots_give_each_concurrent_task_its_own_gpu():
-    slots = benchmark_flow.Slots(["0", "1"])
-    held, overlaps, lock = [], [], threading.Lock()
-
-    def task():
-        with slots.hold() as gpu:
-            with lock:
-                overlaps.append(gpu in held)
-                held.append(gpu)
-            time.sleep(0.05)
-            with lock:
-                held.remove(gpu)
-
-    threads = [threading.Thread(target=task) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(overlaps) == 6 and not any(overlaps)
-
-
-def test_gpu_ids_and_devices(repo_params, monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert benchmark_flow.gpu_ids("auto") == ["2", "3"]
-    assert benchmark_flow.gpu_ids([0, 1]) == ["0", "1"]
-    with pytest.raises(ValueError, match="must be 'auto' or a list"):
-        benchmark_flow.gpu_ids("0,1")
-    params = copy.deepcopy(repo_params)
-    params["ops"]["benchmark"].update(gpus=[], max_parallel=3)
-    assert benchmark_flow.devices(params) == [None, None, None]
-    params["ops"]["benchmark"]["gpus"] = "auto"
-    assert benchmark_flow.devices(params) == ["2", "3"]
-
-
-def test_stage_graph_is_dvcs_graph_in_dependency_order(repo_copy, monkeypatch):
-    monkeypatch.chdir(repo_copy)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], check=True)
-    graph = benchmark_flow.stage_graph()
-    listed = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], capture_output=True,
-                            text=True, check=True).stdout.split()
-    assert sorted(graph) == sorted(listed)
-    order = list(graph)
-    assert order[0] == "split@digits" and order[-1] == "report"
-    assert all(order.index(dep) < order.index(stage) for stage, deps in graph.items() for dep in deps)
-    assert graph["unlearn@digits-random-2-finetune"] == ["inputs@digits-random-2", "prepare@digits-random-2", "retrain@digits-random-2"]
-    assert graph["inputs@digits-random-2"] == ["split@digits", "train_target@digits"]
-
-
-@pytest.mark.slow
-def test_benchmark_flow_runs_the_dvc_pipeline_in_parallel(repo_copy, repo_params, prefect_harness, monkeypatch):
-    params = tiny(repo_params)
-    params["unlearn"]["methods"] = ["finetune", "neggrad_plus"]  # two methods show the parallel branches
-    params["condense"]["methods"] = ["finetune"]
-    params["data"]["deleted"] = "data/deleted.csv"
-    params["mlflow"].update(tracking_uri="sqlite:///mlflow.db", artifact_root="mlartifacts")
-    params["ops"]["benchmark"].update(gpus=[], max_parallel=2)
-    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.chdir(repo_copy)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], check=True)
-    rows = benchmark_flow.benchmark()
-    assert [r["stage"] for r in rows] == list(benchmark_flow.stage_graph())
-    for setting in params["settings"]:
-        for method in params["unlearn"]["methods"]:
-            assert (repo_copy / "metrics" / setting / f"{method}.json").is_file()
-    assert (repo_copy / "reports" / "index.html").is_file()
-    status = subprocess.run([sys.executable, "-m", "dvc", "status"], capture_output=True, text=True, check=True)
-    assert "up to date" in status.stdout  # every stage recorded in dvc.lock
-    runs = mlflow.search_runs(experiment_names=[params["mlflow"]["experiment"]], output_format="list")
-    parent = [r for r in runs if r.data.tags.get("orchestrator") == "prefect"]
-    assert len(parent) == 1
-    assert sum(r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id for r in runs) >= len(rows)
 
 
 def test_each_configure_uses_its_own_params_store_unless_the_user_set_one(tiny_params, tmp_path, monkeypatch):

@@ -241,6 +241,7 @@ class Schedule(Strict):
 class OpsBenchmark(Strict):
     gpus: Literal["auto"] | list[Count]
     max_parallel: PositiveInt
+    cluster: Annotated[str, StringConstraints(pattern=r"^[a-z]+://\S+$")] | None = None  # a Dask scheduler address
 
 
 class Ops(Strict):

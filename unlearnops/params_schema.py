@@ -154,6 +154,15 @@ class Condense(Strict):
     blend: Blend
 
 
+class Ulira(Strict):
+    settings: list[Name]
+    splits: Annotated[int, Field(ge=2)]
+    runs_per_split: PositiveInt
+    examples: Annotated[int, Field(ge=2)]
+    seed: int
+    fixed_variance: bool
+
+
 class Evaluate(Strict):
     seed: int
     retain_max_samples: PositiveInt | None
@@ -162,6 +171,7 @@ class Evaluate(Strict):
     mia_splits: Annotated[int, Field(ge=2)]
     js_bins: PositiveInt
     time_budget: Positive
+    ulira: Ulira
 
 
 class Relearn(Folds):

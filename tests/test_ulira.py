@@ -150,7 +150,6 @@ def test_ulira_stage_on_the_tiny_grid(repo_params, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pipeline.split(params, "synthetic")
     pipeline.prepare(params, setting)
-    pipeline.train_target(params, "synthetic")
     pipeline.retrain(params, setting)
     summary = pipeline.ulira(params, setting)
     written = json.loads((tmp_path / "evaluation" / setting / "ulira.json").read_text())
@@ -160,3 +159,14 @@ def test_ulira_stage_on_the_tiny_grid(repo_params, tmp_path, monkeypatch):
     arrays = np.load(tmp_path / "evaluation" / setting / "ulira.npz")
     assert arrays["finetune/scores"].shape == (8, 8) and arrays["retrain/member"].shape == (params["n_models"], 8)
     assert len(arrays["pool_ids"]) == 8
+    # the report's section: a row per run, the plot and its data (one row per run and example)
+    from unlearnops.layout import setting_layout, setting_params
+    from unlearnops.report import ulira as report_ulira
+
+    found = report_ulira.load(params, {setting: (setting_params(params, setting), setting_layout(params, setting))})
+    shown = report_ulira.table(found)
+    assert shown["method"].tolist() == ["original", "retrain", "finetune"] and (shown["pool"] == 8).all()
+    assert "## synthetic-random-5" in report_ulira.markdown(found, [setting]) and "n_out >= 1000" in report_ulira.markdown(found, [setting])
+    png = report_ulira.plot(setting, *found[setting], tmp_path / "plots" / "ulira.png")
+    assert png.stat().st_size > 1000
+    assert len(report_ulira.plot_data(*found[setting])) == 3 * 8

@@ -345,7 +345,7 @@ def ulira(params: dict, setting: str) -> dict:
             "runs": results, "seconds": seconds,
         }
         where.evidence.mkdir(parents=True, exist_ok=True)
-        write_json(where.evidence / "ulira.json", summary)
+        write_json(where.evidence / "ulira.json", summary, sort_keys=False)
         savez(where.evidence / "ulira.npz", pool_ids=forget.ids[splits.pool].astype(str), **arrays)
         mlflow.log_metrics({f"ulira.{name}.{k}": v for name, r in results.items() for k, v in r.items() if isinstance(v, (int, float))})
         mlflow.log_metrics({f"ulira.seconds.{k}": v for k, v in seconds.items()})

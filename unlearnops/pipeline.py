@@ -291,7 +291,7 @@ def ulira(params: dict, setting: str) -> dict:
     """U-LiRA on one setting (unlearnops.ulira): K shadow targets on halves of a pool of forget
     examples, every run of `run_names` unlearning each, retrain and the shadow targets as
     references; evaluation/<setting>/ulira.json (metrics) and ulira.npz (per-example scores)."""
-    from unlearnops import methods
+    from unlearnops import methods, progress
     from unlearnops import ulira as ulira_lib
     from unlearnops.config import build_dataclass
     from unlearnops.layout import run_names
@@ -321,7 +321,7 @@ def ulira(params: dict, setting: str) -> dict:
 
         record("original", shadows, 1)
         record("retrain", ModelStack.load(where.retrain / "models.pt"), None)
-        for name in run_names(p):
+        for name in progress.bar(run_names(p), desc=f"ulira {setting}: runs"):
             began = time.perf_counter()
             method_name, _, condenser = name.partition("+")
             method = methods.get_method(method_name, p)

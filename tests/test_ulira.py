@@ -170,3 +170,26 @@ def test_ulira_stage_on_the_tiny_grid(repo_params, tmp_path, monkeypatch):
     png = report_ulira.plot(setting, *found[setting], tmp_path / "plots" / "ulira.png")
     assert png.stat().st_size > 1000
     assert len(report_ulira.plot_data(*found[setting])) == 3 * 8
+
+
+def test_ulira_stage_deps_follow_its_code(repo_params, tmp_path):
+    """dvc.yaml's ulira stage names the code it runs (off by default, so tests/test_dvc_deps.py sees no ulira stage)."""
+    import shutil
+
+    import yaml
+    from dvc.parsing import DataResolver
+    from dvc.repo import Repo
+
+    import test_dvc_deps
+    from conftest import REPO
+
+    params = copy.deepcopy(repo_params)
+    params["evaluate"]["ulira"]["settings"] = ["digits-random-2"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / ".dvc").mkdir()
+    with Repo(str(tmp_path), config={"core": {"no_scm": True}}) as repo:
+        stages = DataResolver(repo, str(tmp_path), yaml.safe_load((REPO / "dvc.yaml").read_text())).resolve()["stages"]
+    ulira = {name: stage for name, stage in stages.items() if name.startswith("ulira")}
+    assert list(ulira) == ["ulira@digits-random-2"]
+    assert test_dvc_deps.problems(ulira, params) == []

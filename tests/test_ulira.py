@@ -145,7 +145,7 @@ def test_ulira_stage_on_the_tiny_grid(repo_params, tmp_path, monkeypatch):
     params["data"]["deleted"] = str(tmp_path / "deleted.csv")
     params["mlflow"].update(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "mlartifacts"))
     params["unlearn"]["methods"] = ["finetune"]
-    params["condense"]["methods"] = []
+    params["condense"]["methods"] = ["finetune"]  # a condensed run: its own Blend per shadow target
     params["evaluate"]["ulira"].update(settings=[setting], splits=4, runs_per_split=2, examples=8)
     monkeypatch.chdir(tmp_path)
     pipeline.split(params, "synthetic")
@@ -153,9 +153,9 @@ def test_ulira_stage_on_the_tiny_grid(repo_params, tmp_path, monkeypatch):
     pipeline.retrain(params, setting)
     summary = pipeline.ulira(params, setting)
     written = json.loads((tmp_path / "evaluation" / setting / "ulira.json").read_text())
-    assert written["runs"].keys() == {"original", "retrain", "finetune"} and written["splits"] == 4 and written["pool"] == 8
+    assert list(written["runs"]) == ["original", "retrain", "finetune", "finetune+blend"] and written["splits"] == 4 and written["pool"] == 8
     assert written == json.loads(json.dumps(summary))
-    assert written["runs"]["finetune"]["runs"] == 8 and written["runs"]["retrain"]["runs"] == params["n_models"]
+    assert written["runs"]["finetune"]["runs"] == 8 and written["runs"]["retrain"]["runs"] == min(params["n_models"], 4 * 2)
     arrays = np.load(tmp_path / "evaluation" / setting / "ulira.npz")
     assert arrays["finetune/scores"].shape == (8, 8) and arrays["retrain/member"].shape == (params["n_models"], 8)
     assert len(arrays["pool_ids"]) == 8
@@ -165,11 +165,11 @@ def test_ulira_stage_on_the_tiny_grid(repo_params, tmp_path, monkeypatch):
 
     found = report_ulira.load(params, {setting: (setting_params(params, setting), setting_layout(params, setting))})
     shown = report_ulira.table(found)
-    assert shown["method"].tolist() == ["original", "retrain", "finetune"] and (shown["pool"] == 8).all()
+    assert shown["method"].tolist() == ["original", "retrain", "finetune", "finetune+blend"] and (shown["pool"] == 8).all()
     assert "## synthetic-random-5" in report_ulira.markdown(found, [setting]) and "n_out >= 1000" in report_ulira.markdown(found, [setting])
     png = report_ulira.plot(setting, *found[setting], tmp_path / "plots" / "ulira.png")
     assert png.stat().st_size > 1000
-    assert len(report_ulira.plot_data(*found[setting])) == 3 * 8
+    assert len(report_ulira.plot_data(*found[setting])) == 4 * 8
 
 
 def test_ulira_stage_deps_follow_its_code(repo_params, tmp_path):

@@ -320,7 +320,8 @@ def ulira(params: dict, setting: str) -> dict:
             arrays.update({f"{name}/{key}": value for key, value in named.items()})
 
         record("original", shadows, 1)
-        record("retrain", ModelStack.load(where.retrain / "models.pt"), None)
+        retrained = ModelStack.load(where.retrain / "models.pt")  # as many runs per split as the methods have, where N allows
+        record("retrain", retrained.select(list(range(min(retrained.n, splits.k * cfg.runs_per_split)))), None)
         for name in progress.bar(run_names(p), desc=f"ulira {setting}: runs"):
             began = time.perf_counter()
             method_name, _, condenser = name.partition("+")
@@ -347,6 +348,7 @@ def ulira(params: dict, setting: str) -> dict:
         where.evidence.mkdir(parents=True, exist_ok=True)
         write_json(where.evidence / "ulira.json", summary, sort_keys=False)
         savez(where.evidence / "ulira.npz", pool_ids=forget.ids[splits.pool].astype(str), **arrays)
-        mlflow.log_metrics({f"ulira.{name}.{k}": v for name, r in results.items() for k, v in r.items() if isinstance(v, (int, float))})
-        mlflow.log_metrics({f"ulira.seconds.{k}": v for k, v in seconds.items()})
+        mlflow.log_metrics({f"ulira.{name.replace('+', '_')}.{k}": v for name, r in results.items() for k, v in r.items()  # MLflow names take no '+'
+                            if isinstance(v, (int, float))})
+        mlflow.log_metrics({f"ulira.seconds.{k.replace('+', '_')}": v for k, v in seconds.items()})
     return summary

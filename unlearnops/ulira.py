@@ -21,10 +21,11 @@ Design, per setting (params `evaluate.ulira`):
   here sees exactly what the benchmark gives it, N copies of one original). In = the runs of the
   splits that held the example, out = the runs of the splits that did not: both unlearned the
   same way, they differ only in having seen the example (Hayes et al.'s in/out).
-- References: retrain (the setting's retrained models, assigned to splits in turn; trained on
-  retain only, so in and out are both never-seen: its figures are the chance floor for this
-  many models) and original (the shadow targets themselves, not unlearned: the ceiling a method
-  starts from).
+- References: retrain (the setting's first splits x runs_per_split retrained models, assigned to
+  the splits in turn; trained on retain only, so in and out are both never-seen: its figures are
+  the chance floor for this many models. With few splits the floor is not 0.5: a split left out
+  of its own Gaussians pulls their means away from its runs, a small negative bias) and original (the shadow targets themselves, not unlearned: where every method
+  starts; a method above it is given away by the unlearning itself, e.g. forget confidences pushed below a never-seen model's).
 Runs of a split share one original, so the K splits are the independent draws: figures depend on
 K, on runs_per_split and on |E|, and the outputs state all three.
 """

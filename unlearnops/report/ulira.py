@@ -1,5 +1,5 @@
 """The report's U-LiRA section: per setting a table of every run's attack figures beside retrain's
-(the chance floor) and the original's (the shadow targets, not unlearned: the ceiling), and a plot
+(the chance floor) and the original's (the shadow targets, not unlearned: where every method starts), and a plot
 of each example's vulnerability (per-example attack AUC) under each run.
 
 Reads evaluation/<setting>/ulira.json and ulira.npz (the `ulira@<setting>` stages, unlearnops.ulira)
@@ -57,7 +57,9 @@ def markdown(found: dict[str, tuple[dict, dict]], settings_on: list[str]) -> str
     text = ("U-LiRA (Hayes et al., arXiv 2403.01218): per (model, example), a likelihood-ratio test of \"trained on it, then "
             "unlearned\" against \"never trained on it\", with Gaussians fit on shadow models of the other splits. "
             "retrain: the retrained models (in and out both never saw the example): the chance floor for this many models. "
-            "original: the shadow targets before unlearning: the ceiling. A method that forgets sits near retrain. "
+            "original: the shadow targets before unlearning, what every method starts from. A method that forgets sits near "
+            "retrain; one above the original is given away by its unlearning itself (e.g. forget confidences pushed below "
+            "a never-seen model's). "
             "TPR at 0.1% FPR means something only with n_out >= 1000 pairs; every figure depends on the splits, runs per split "
             "and pool size shown.\n\n")
     shown = table(found)

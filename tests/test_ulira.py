@@ -131,6 +131,10 @@ def test_bad_ulira_params_are_one_line_errors(repo_params):
     params["evaluate"]["ulira"]["splits"] = 1
     with pytest.raises(ConfigError, match="evaluate.ulira.splits"):
         validate_params(params)
+    params = copy.deepcopy(repo_params)
+    params["evaluate"]["ulira"]["settings"] = ["digits-random-7"]
+    with pytest.raises(ConfigError, match="evaluate.ulira.settings: 'digits-random-7' is not one of"):
+        validate_params(params)
     with pytest.raises(ConfigError, match="evaluate.ulira.runs_per_split: must be >= 1"):
         ulira_lib.config_from({"evaluate": {"ulira": {**repo_params["evaluate"]["ulira"], "runs_per_split": 0}}})
     with pytest.raises(ConfigError, match="at least 2 examples"):

@@ -369,6 +369,8 @@ def validate_params(params: Any) -> None:
             pool = params["datasets"] if key == "dataset" else params["settings"]
             if params["ops"][key] not in pool:
                 problems.append(f"ops.{key} {params['ops'][key]!r} is not one of {sorted(pool)}")
+        problems += [f"evaluate.ulira.settings: {name!r} is not one of {sorted(params['settings'])}"
+                     for name in params["evaluate"]["ulira"]["settings"] if name not in params["settings"]]
     if problems:
         shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
         raise ConfigError("params.yaml: " + "; ".join(shown))

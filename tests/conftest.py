@@ -37,6 +37,7 @@ def tiny(params: dict) -> dict:
         "synthetic-class-1": {"dataset": "synthetic", "forget": {"mode": "class", "class": 1}},
     }
     params["ops"].update(dataset="synthetic", benchmark_setting="synthetic-random-5")
+    params["evaluate"]["ulira"]["settings"] = []  # U-LiRA's stage is off in the tiny grid (tests/test_ulira.py runs it)
     return params
 
 

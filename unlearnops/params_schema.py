@@ -156,6 +156,15 @@ class Condense(Strict):
     blend: Blend
 
 
+class Ulira(Strict):
+    settings: list[Name]
+    splits: Annotated[int, Field(ge=2)]
+    runs_per_split: PositiveInt
+    examples: Annotated[int, Field(ge=2)]
+    seed: int
+    fixed_variance: bool
+
+
 class Evaluate(Strict):
     seed: int
     retain_max_samples: PositiveInt | None
@@ -164,6 +173,7 @@ class Evaluate(Strict):
     mia_splits: Annotated[int, Field(ge=2)]
     js_bins: PositiveInt
     time_budget: Positive
+    ulira: Ulira
 
 
 class Relearn(Folds):
@@ -362,6 +372,8 @@ def validate_params(params: Any) -> None:
             pool = params["datasets"] if key == "dataset" else params["settings"]
             if params["ops"][key] not in pool:
                 problems.append(f"ops.{key} {params['ops'][key]!r} is not one of {sorted(pool)}")
+        problems += [f"evaluate.ulira.settings: {name!r} is not one of {sorted(params['settings'])}"
+                     for name in params["evaluate"]["ulira"]["settings"] if name not in params["settings"]]
     if problems:
         shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
         raise ConfigError("params.yaml: " + "; ".join(shown))

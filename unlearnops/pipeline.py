@@ -263,3 +263,70 @@ def report(params: dict, grid: bool = False) -> dict:
         for path in written:
             mlflow.log_artifact(str(path))
     return {"files": [str(p) for p in written]}
+
+
+def ulira(params: dict, setting: str) -> dict:
+    """U-LiRA on one setting (unlearnops.ulira): K shadow targets on halves of a pool of forget
+    examples, every run of `run_names` unlearning each, retrain and the shadow targets as
+    references; evaluation/<setting>/ulira.json (metrics) and ulira.npz (per-example scores)."""
+    from unlearnops import methods, progress
+    from unlearnops import ulira as ulira_lib
+    from unlearnops.config import build_dataclass
+    from unlearnops.layout import run_names
+    from unlearnops.nets import model_spec
+    from unlearnops.stack import ModelStack
+    from unlearnops.training import FitConfig, Runtime
+
+    p, where = _params_of(params, setting)
+    cfg = ulira_lib.config_from(p)
+    runtime = Runtime.from_params(p)
+    data = _load_data(where)
+    retain, forget = data["retain"], data["forget"]
+    augment = bool(p["train"]["augment"])
+    splits = ulira_lib.choose_splits(len(forget), cfg)
+    logged = {"setting": setting, "ulira": p["evaluate"]["ulira"], "pool": len(splits.pool)}
+    with tracking.stage_run(params, "ulira", logged, run_name=f"ulira-{setting}") as (mlflow, _):
+        start = time.perf_counter()
+        spec = model_spec(p, data.num_classes, data.in_channels, data.image_size)
+        fit = build_dataclass(FitConfig, p["train"]["fit"], "train.fit")
+        shadows = ulira_lib.train_shadows(spec, retain, forget, splits, cfg, fit, runtime, augment)
+        results, arrays, seconds = {}, {}, {"shadows": time.perf_counter() - start}
+
+        def record(name: str, stack: ModelStack, per_split: int | None) -> None:
+            split, member = ulira_lib.runs_of_splits(stack.n, splits, per_split)
+            results[name], named = ulira_lib.attack(ulira_lib.confidences(stack, forget, splits, runtime), split, member, cfg)
+            arrays.update({f"{name}/{key}": value for key, value in named.items()})
+
+        record("original", shadows, 1)
+        retrained = ModelStack.load(where.retrain / "models.pt")  # as many runs per split as the methods have, where N allows
+        record("retrain", retrained.select(list(range(min(retrained.n, splits.k * cfg.runs_per_split)))), None)
+        for name in progress.bar(run_names(p), desc=f"ulira {setting}: runs"):
+            began = time.perf_counter()
+            method_name, _, condenser = name.partition("+")
+            method = methods.get_method(method_name, p)
+
+            def unlearn_one(originals: ModelStack, forget_k, method=method, condenser=condenser):
+                kept = retain
+                if condenser:
+                    from unlearnops import condense as condense_lib
+
+                    kept = condense_lib.condense(condenser, p, retain, forget_k, originals.select([0]), runtime).retain
+                return method.unlearn(originals, methods.UnlearnData(kept, forget_k, data["val"], data.num_classes, augment), runtime)
+
+            record(name, ulira_lib.unlearn_shadows(unlearn_one, shadows, forget, splits, cfg), cfg.runs_per_split)
+            seconds[name] = time.perf_counter() - began
+        seconds["total"] = time.perf_counter() - start
+        summary = {
+            "setting": setting, "splits": splits.k, "runs_per_split": cfg.runs_per_split, "pool": len(splits.pool),
+            "pool_ids": [str(i) for i in forget.ids[splits.pool]], "fixed_variance": cfg.fixed_variance,
+            "note": "in = trained on the example then unlearned, out = never trained on it; Gaussians fit leaving the scored run's split out. "
+                    "TPR at 0.1% FPR needs >= 1000 out pairs (n_out); every figure depends on splits, runs_per_split and pool.",
+            "runs": results, "seconds": seconds,
+        }
+        where.evidence.mkdir(parents=True, exist_ok=True)
+        write_json(where.evidence / "ulira.json", summary, sort_keys=False)
+        savez(where.evidence / "ulira.npz", pool_ids=forget.ids[splits.pool].astype(str), **arrays)
+        mlflow.log_metrics({f"ulira.{name.replace('+', '_')}.{k}": v for name, r in results.items() for k, v in r.items()  # MLflow names take no '+'
+                            if isinstance(v, (int, float))})
+        mlflow.log_metrics({f"ulira.seconds.{k.replace('+', '_')}": v for k, v in seconds.items()})
+    return summary

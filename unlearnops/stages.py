@@ -22,6 +22,7 @@ STAGES = {
     "evaluate_retrain": ("evaluate_retrain",),
     "unlearn": ("unlearn", "evaluate"),
     "evaluate": ("evaluate",),
+    "ulira": ("ulira",),
     "report": ("report",),
 }
 

@@ -149,19 +149,23 @@ class Stream:
     """A data source the engine draws per-model batches from.
 
     `y` is [n] (labels shared by all models) or [N, n] (row i: model i's own labels, e.g.
-    MUSO's per-run forget labels)."""
+    MUSO's per-run forget labels). `rows` ([N, m] indices into x, or None: all of x) gives each
+    model its own subset of m samples (U-LiRA's shadow models, each trained on its own half of
+    the scored examples): model i draws its batches from x[rows[i]] exactly as it would from a
+    stream of those m samples alone."""
 
     x: torch.Tensor
     y: torch.Tensor
     batch_size: int
     augment: bool = False
+    rows: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(self.x) if self.rows is None else self.rows.shape[1]
 
     def for_models(self, index: slice) -> "Stream":
-        """The stream as seen by models[index] (only per-model labels need slicing)."""
-        return self if self.y.dim() == 1 else replace(self, y=self.y[index])
+        """The stream as seen by models[index] (only per-model labels and rows need slicing)."""
+        return replace(self, y=self.y if self.y.dim() == 1 else self.y[index], rows=None if self.rows is None else self.rows[index])
 
 
 @dataclass
@@ -535,6 +539,7 @@ def _fit_chunk(stack, streams, phases, batched_steps, plan, cfg, runtime, desc, 
     buffers = {k: v.detach().to(device).clone() for k, v in stack.buffers.items()}
     scale = {k: v.to(device) for k, v in (grad_scale or {}).items()}
     data = {name: (s.x.to(device), s.y.to(device)) for name, s in streams.items()}
+    rows = {name: s.rows.to(device) for name, s in streams.items() if s.rows is not None}
     samplers = {
         name: _PerModelSampler(len(s), s.batch_size, stack.seeds, salt, device, s.augment)
         for salt, (name, s) in enumerate(streams.items())
@@ -564,9 +569,11 @@ def _fit_chunk(stack, streams, phases, batched_steps, plan, cfg, runtime, desc, 
             for stream in phases[name].streams:
                 x, y = data[stream]
                 index, aug = samplers[stream].next()
+                full &= index.shape[1] == samplers[stream].batch_size
+                if stream in rows:  # positions in each model's own rows -> indices into x
+                    index = torch.gather(rows[stream], 1, index)
                 xb = x[index] if aug is None else crop_and_flip(x[index], *aug)
                 batches[stream] = (xb, y[index] if y.dim() == 1 else torch.gather(y, 1, index))
-                full &= index.shape[1] == samplers[stream].batch_size
             with autocast:
                 losses = batched_steps[name](params, buffers, batches, full)
             optimizer.zero_grad(set_to_none=True)

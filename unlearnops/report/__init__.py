@@ -26,6 +26,7 @@ import pandas as pd  # noqa: E402
 
 from unlearnops import evaluation, ranking  # noqa: E402
 from unlearnops.report import relearn as report_relearn  # noqa: E402
+from unlearnops.report import ulira as report_ulira  # noqa: E402
 from unlearnops.files import write_atomic, write_csv, write_json, write_text_atomic  # noqa: E402
 from unlearnops.metrics import epsilon  # noqa: E402
 from unlearnops.outputs import RunOutputs  # noqa: E402
@@ -501,6 +502,8 @@ def build(params: dict, settings: dict[str, tuple[dict, Layout]], out_dir: Path,
     relearn = pd.concat([res.relearn.assign(setting=s) for s, res in results.items()], ignore_index=True)
     relearn_md = "\n".join(f"## {s}\n\n" + report_relearn.markdown(res.relearn) for s, res in results.items())
     written += _write(out_dir, "relearn", relearn, relearn_md)
+    ulira = report_ulira.load(params, settings)
+    written += _write(out_dir, "ulira", report_ulira.table(ulira), report_ulira.markdown(ulira, params["evaluate"]["ulira"]["settings"]))
     text = "\n\n".join(advice.values()) + "\n\n" + reading(results, general)
     write_text_atomic(out_dir / "reading.md", text)
     written.append(out_dir / "reading.md")
@@ -521,6 +524,11 @@ def build(params: dict, settings: dict[str, tuple[dict, Layout]], out_dir: Path,
         path = _plot(out_dir, "epsilons", setting)
         plots[f"{setting}: per-example epsilon"] = plot_epsilons(res.epsilons, path)
         epsilon_data(res).to_csv(path.with_suffix(".csv"), index=False)
+        if setting in ulira:
+            path = _plot(out_dir, "ulira", setting)
+            plots[f"{setting}: U-LiRA per-example vulnerability (attack AUC per forget example and run)"] = report_ulira.plot(setting, *ulira[setting], path)
+            report_ulira.plot_data(*ulira[setting]).to_csv(path.with_suffix(".csv"), index=False)
+    (out_dir / "plots" / "ulira").mkdir(parents=True, exist_ok=True)  # a DVC output even with U-LiRA off
     data = [p.with_suffix(".csv") for p in plots.values()]
     notes = [line for line in text.replace("**", "").split("\n\n") if line.strip()] + [
         "Final = F x retain-accuracy ratio x test-accuracy ratio (NeurIPS 2023 competition). "
@@ -531,7 +539,7 @@ def build(params: dict, settings: dict[str, tuple[dict, Layout]], out_dir: Path,
     flat_shown.columns = [f"{s}: {m}" for s, m in shown.columns]
     tables = {f"Ranking: {s}": ranking_shown(rankings[s]).drop(columns="setting") for s in results}
     tables |= {"Table 1: one column group per setting": flat_shown.reset_index(), "Generality": general,
-               "Relearning attack": relearn}
+               "Relearning attack": relearn, "U-LiRA (per-example likelihood-ratio attack)": report_ulira.table(ulira)}
     tables |= {f"{s}: details": res.details() for s, res in results.items()}
     html_path = write_html(out_dir / "index.html", f"unlearnops benchmark: {', '.join(results)}", notes, tables,
                            {"Ranking stability on disjoint model subsets": stability_md}, plots)

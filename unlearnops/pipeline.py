@@ -7,6 +7,7 @@ the methods are imported only in the functions that use them.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from unlearnops import data as data_lib

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from conftest import REPO, tiny
-from unlearnops import pipeline, tune
+from unlearnops import pipeline, tracking, tune
 from unlearnops.config import ConfigError
 
 SETTING = "synthetic-random-5"
@@ -36,11 +36,12 @@ def workdir(repo_params, tmp_path_factory):
     params["mlflow"].update(tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=str(root / "mlartifacts"))
     params["datasets"]["production"] = {}  # ops.dataset elsewhere: the tiny target is not registered as a champion
     params["ops"]["dataset"] = "production"
-    params["tune"].update(setting=SETTING, n_models=4, chunks=2, n_trials=4, pruner_startup_trials=2,
+    params["tune"].update(setting=SETTING, n_models=4, chunks=2, n_trials=3, pruner_startup_trials=2,
                           heartbeat_seconds=1, grace_seconds=2)
     params["evaluate"]["time_budget"] = 1.0  # tiny() trains the target 6 epochs, not 15: the methods' 2 epochs are a third of it
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
+        patch.setenv(tracking.SPOOL_ENV, str(root / "spool"))  # the stages' MLflow runs spooled, never sent: seconds saved
         pipeline.split(params, "synthetic")
         pipeline.train_target(params, "synthetic")
         pipeline.prepare(params, SETTING)
@@ -68,7 +69,7 @@ def test_a_tiny_study_writes_the_best_params_and_applies_exactly_them(workdir, m
     summary = tune.tune(params, "finetune", params_path=root / "params.yaml", apply=True)
 
     numbers = [t["number"] for t in summary["trials"]]
-    assert summary["n_finished"] == 4 and len(numbers) == len(set(numbers)) == 4
+    assert summary["n_finished"] == 3 and len(numbers) == len(set(numbers)) == 3
     first = summary["trials"][0]
     assert first["defaults"] and first["params"] == {k: tune.get_dotted(params["methods"]["finetune"], k) for k in params["tune"]["spaces"]["finetune"]}
     assert summary["defaults"]["value"] == first["value"]
@@ -88,8 +89,6 @@ def test_a_tiny_study_writes_the_best_params_and_applies_exactly_them(workdir, m
     assert len(before_text.splitlines()) == len(after_text.splitlines())  # ... and nothing else moved: comments kept
     for old, new in changed:  # each a line of a tuned key, its comment kept
         assert new.strip().split(":")[0] in leaves and old.partition("#")[2] == new.partition("#")[2]
-
-    from unlearnops import tracking
 
     mlflow = tracking.configure(params)
     runs = mlflow.search_runs(experiment_names=[params["mlflow"]["experiment"]], output_format="list")
@@ -153,12 +152,12 @@ def test_a_trial_left_running_by_a_crash_is_retried_on_resume(workdir, tmp_path,
     root, params = workdir
     monkeypatch.chdir(root)
     params = copy.deepcopy(params)
-    params["tune"]["n_trials"] = 3
+    params["tune"]["n_trials"] = 2
     defaults = _crashed_study(params, tmp_path / "studies")
     summary = tune.tune(params, "finetune", out_dir=tmp_path / "out", studies_dir=tmp_path / "studies")
 
     states = {t["number"]: t["state"] for t in summary["trials"]}
-    assert states[0] == "FAIL" and summary["n_finished"] == 3 and len(states) == 4
+    assert states[0] == "FAIL" and summary["n_finished"] == 2 and len(states) == 3
     retried = next(t for t in summary["trials"] if t["number"] == 1)
     assert retried["params"] == defaults and retried["defaults"] and retried["state"] == "COMPLETE"
     assert summary["defaults"]["value"] == retried["value"]

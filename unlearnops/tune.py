@@ -20,9 +20,10 @@ Per-epoch values would need a hook inside every method's training; model chunks 
 Time budget: each trial records time per model / retrain's time per model (`time_vs_retrain`);
 above `evaluate.time_budget` the trial is infeasible: the seeded TPE sampler gets it as a
 constraint (`Trial.set_constraint`), and the best trial is the best feasible one. Retrain's time is
-measured when the search starts (`measure_retrain_seconds`: one epoch of train.fit for a chunk's
-number of models in one pass): the pipeline's stored time had all N models to a pass, and on a
-shared machine another load, so against it a trial's ratio came out several times too high.
+measured just before each trial (`measure_retrain_seconds`: one epoch of train.fit for a chunk's
+number of models in one pass): the pipeline's stored time had all N models to a pass and another
+load, so against it a trial's ratio came out 4-10x too high on a shared 2-core machine; measured
+once per search, the ratio of one configuration still doubled as the machine's load drifted.
 
 Crash safety: one SQLite study per (setting, method) in .optuna/<setting>/<method>.db (Optuna's
 RDBStorage with a heartbeat): a trial left RUNNING by a killed process stops beating, is failed
@@ -75,7 +76,7 @@ class ValidationSide:
     target: object        # stack.ModelStack
     retrained: dict       # split -> [N, n, C] logits, for SPLITS only
     labels: dict          # split -> [n]
-    retrain_seconds_per_model: float  # the pipeline's; `tune` replaces it with one measured as its trials run
+    retrain_seconds_per_model: float  # the pipeline's; `tune` replaces it with one measured beside each trial
 
 
 def _stage_hint(params: dict, setting: str) -> dict[str, str]:
@@ -431,7 +432,7 @@ def tune(params: dict, method: str, n_trials: int | None = None, params_path: st
     if n_models > side.retrained["forget"].shape[0]:
         raise ConfigError(f"tune.n_models = {n_models} is more than the {side.retrained['forget'].shape[0]} retrained models of {setting}")
     budget = float(side.params["evaluate"]["time_budget"])
-    side.retrain_seconds_per_model = measure_retrain_seconds(side, math.ceil(n_models / int(cfg["chunks"])))
+    chunk = math.ceil(n_models / int(cfg["chunks"]))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = _storage(cfg, studies_dir / setting / f"{method}.db")
     name = f"{method}-{fingerprint(params, method, setting, space)}"
@@ -462,6 +463,8 @@ def tune(params: dict, method: str, n_trials: int | None = None, params_path: st
                 record(scores)
                 raise optuna.TrialPruned()
 
+        # retraining's time measured beside each trial: on a shared machine the load drifts over a study
+        side.retrain_seconds_per_model = measure_retrain_seconds(side, chunk)
         result = run_trial(side, method, chosen, n_models, int(cfg["chunks"]), report)
         record(result)
         return result["final_val"]

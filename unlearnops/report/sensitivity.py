@@ -103,6 +103,7 @@ def plot(frames: list[pd.DataFrame], setting: str, path: Path) -> Path:
         default = points[points["defaults"]]
         ax.scatter(default["final"], [row] * len(default), marker="x", s=60, color="#d62728")
     ax.set_yticks(range(len(methods)), methods)
+    ax.set_ylim(-0.5, max(1, len(methods)) - 0.5)
     ax.set_xlabel("Final (validation side)")
     ax.set_title(f"{setting}: Final of each tuning trial (blue: top quarter, x: defaults)", fontsize=9)
     if not methods:

@@ -23,7 +23,10 @@ constraint (`Trial.set_constraint`), and the best trial is the best feasible one
 measured just before each trial (`measure_retrain_seconds`: one epoch of train.fit for a chunk's
 number of models in one pass): the pipeline's stored time had all N models to a pass and another
 load, so against it a trial's ratio came out 4-10x too high on a shared 2-core machine; measured
-once per search, the ratio of one configuration still doubled as the machine's load drifted.
+once per search, the ratio of one configuration still doubled as the machine's load drifted. On a
+machine shared with other jobs the ratio stays noisy (the same configuration: 0.16 and 0.45 of
+retraining beside each trial under a load of 8 on 2 cores; CPU time instead was no steadier): tune
+where the pipeline's own times are measured, or widen the budget knowingly.
 
 Crash safety: one SQLite study per (setting, method) in .optuna/<setting>/<method>.db (Optuna's
 RDBStorage with a heartbeat): a trial left RUNNING by a killed process stops beating, is failed
@@ -352,7 +355,7 @@ class _Tracker:
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=name, tags={"unlearnops.stage": "tune"})
             run_id = run.info.run_id
-            self.client.log_batch(run_id, params=_params_list({k: v for k, v in tracking.flatten(logged).items()}))
+            self.client.log_batch(run_id, params=_params_list(tracking.flatten(logged)))
             study.set_user_attr("mlflow_run_id", run_id)
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -386,8 +389,9 @@ def _params_list(values: dict) -> list:
     return [Param(str(k), str(v)[:500]) for k, v in values.items()]
 
 
-def summarize(study, method: str, setting: str, space: dict, defaults: dict, cfg: dict, budget: float) -> dict:
-    """Every trial (number, state, params, value, time / retrain, feasibility, seconds), the defaults' trial, the best feasible one."""
+def summarize(study, method: str, setting: str, space: dict, cfg: dict, budget: float) -> dict:
+    """Every trial (number, state, params, value, time / retrain, feasibility, seconds), the trial of the values params.yaml
+    had when the study began (the defaults), the best feasible one (the earlier of equals: the defaults win a tie)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
@@ -408,7 +412,7 @@ def summarize(study, method: str, setting: str, space: dict, defaults: dict, cfg
         "n_finished": sum(r["state"] in ("COMPLETE", "PRUNED") for r in rows),
         "n_complete": len(complete), "n_feasible": len(feasible), "n_pruned": sum(r["state"] == "PRUNED" for r in rows),
         "seconds_per_trial": float(np.mean(timed)) if timed else None,
-        "defaults": None if default_row is None else {"params": defaults, "value": default_row["value"],
+        "defaults": None if default_row is None else {"params": default_row["params"], "value": default_row["value"],
                                                       "time_vs_retrain": default_row["time_vs_retrain"], "feasible": default_row["feasible"]},
         "best": None if best is None else {"number": best["number"], "params": best["params"], "value": best["value"],
                                            "time_vs_retrain": best["time_vs_retrain"]},
@@ -490,7 +494,7 @@ def tune(params: dict, method: str, n_trials: int | None = None, params_path: st
     try:
         while _finished(study) < total:  # a trial that fails raises; a retried one runs first (it waits in the queue)
             study.optimize(objective, n_trials=total - _finished(study), callbacks=[after])
-        summary = summarize(study, method, setting, space, defaults, cfg, budget)
+        summary = summarize(study, method, setting, space, cfg, budget)
         failed = False
     finally:
         bar.close()

@@ -151,7 +151,7 @@ def repo_copy(tmp_path) -> Path:
     """The repository's pipeline files in a temporary folder (for end-to-end `dvc repro`)."""
     dest = tmp_path / "repo"
     dest.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "stages", "unlearnops", "data/deleted.csv"):
+    for name in ("dvc.yaml", "params.yaml", "stages", "unlearnops", "data/deleted.csv", "tune"):  # tune/: a dependency of the report
         src = REPO / name
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)

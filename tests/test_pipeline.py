@@ -207,7 +207,7 @@ def pipeline_run(repo_params, tmp_path_factory):
     """One tiny `unlearnops repro` of the grid: two settings (a random 5% and a class), two methods,
     Layered Unlearning over one of them (unlearn_layered) and one on a Blend-condensed retain set."""
     root = tmp_path_factory.mktemp("e2e")
-    for name in ("dvc.yaml", "stages", "unlearnops", "data/deleted.csv"):  # the deletion list is a dependency of split
+    for name in ("dvc.yaml", "stages", "unlearnops", "data/deleted.csv", "tune"):  # the deletion list: a dependency of split; tune/: of the report
         src = REPO / name
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
@@ -268,7 +268,7 @@ def test_repro_produces_every_output_per_setting(pipeline_run):
             assert len(pd.read_csv(root / f"reports/plots/{kind}/{setting}.csv")) > 0
             assert (root / "summary" / f"{setting}.json").is_file()
     page = (root / "reports/index.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 * len(params["settings"]) and "src='http" not in page
+    assert page.count("data:image/png;base64,") == 5 * len(params["settings"]) and "src='http" not in page
 
 
 @pytest.mark.slow

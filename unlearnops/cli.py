@@ -70,6 +70,28 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from unlearnops import tune
+
+    params = load_checked(args.params)
+    summary = tune.tune(params, args.method, n_trials=args.trials, params_path=args.params, apply=args.apply)
+    where = tune.TUNE / summary["setting"]
+    best = summary["best"]
+    shown = {k: "-" if summary[k] is None else f"{summary[k]['value']:.4f}" for k in ("defaults", "best")}
+    print(f"{args.method} on {summary['setting']}: {summary['n_finished']} trials ({summary['n_pruned']} pruned, "
+          f"{summary['n_complete'] - summary['n_feasible']} over the time budget), {summary['seconds_per_trial'] or 0:.1f} s per trial; "
+          f"Final on the validation side ({summary['n_models']} models): defaults {shown['defaults']}, best {shown['best']}")
+    if best is None:
+        print("no feasible trial: nothing to apply", file=sys.stderr)
+        return 1
+    print(f"best params: {best['params']} -> {where / (args.method + '.yaml')}; summary -> {where / (args.method + '.json')}")
+    if args.apply:
+        print(f"written into {args.params}: {', '.join(summary['applied'])}")
+    else:
+        print(f"to use them: unlearnops tune {args.method} --apply (writes {args.params}), or {tune.dvc_exp_command(args.method, best['params'])}")
+    return 0
+
+
 def _ids(values: list[str] | None) -> list[str] | None:
     """Ids given as `1 2 3`, `1,2,3` or both."""
     return None if values is None else [part for value in values for part in value.split(",") if part.strip()]
@@ -170,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--logits", action="store_true", help="inputs are [N_models, N_examples, C] logits; needs --labels")
     score.add_argument("--labels", help=".npy [N_examples] integer labels (with --logits)")
     score.set_defaults(func=cmd_score)
+    tune = sub.add_parser("tune", help="search a method's hyperparameters with Optuna (validation side; resumable)")
+    tune.add_argument("method", help="the method (`unlearnops methods`); its space: params.yaml tune.spaces.<method>")
+    tune.add_argument("--trials", type=int, metavar="N", help="finished trials in all (default: tune.n_trials); a rerun resumes")
+    tune.add_argument("--apply", action="store_true", help="write the best params into params.yaml (comments kept)")
+    tune.set_defaults(func=cmd_tune)
     _add_request_commands(sub)
     _add_review_commands(sub)
     return parser

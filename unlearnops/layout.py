@@ -35,6 +35,8 @@ EVALUATION = Path("evaluation")
 RETRAIN_MIA = METRICS / "retrain_mia.json"  # the evaluate_retrain stage: retrain's membership inference
 REPORTS = Path("reports")
 SUMMARY = Path("summary")  # summary/<setting>.json: the report's compact per-setting metrics, versioned in git (`dvc metrics diff`)
+TUNE = Path("tune")  # tune/<setting>/<method>.json and .yaml: `unlearnops tune`'s summaries and best params (the report reads them)
+STUDIES = Path(".optuna")  # .optuna/<setting>/<method>.db: `unlearnops tune`'s Optuna studies (SQLite, resumable)
 
 DATASET_SECTIONS = ("data", "model", "train")  # what a data set may override: what its target depends on
 SETTING_KEYS = ("dataset", "forget")

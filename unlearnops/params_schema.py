@@ -12,7 +12,7 @@ import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from unlearnops.config import ConfigError
 
@@ -274,6 +274,75 @@ class Ops(Strict):
     benchmark: OpsBenchmark
 
 
+class TuneSpec(Strict):
+    """One searched hyperparameter: an interval {low, high, log} (log: sampled on a log scale, low > 0), or {choices}."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: Annotated[list[bool | int | float | str], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _a_range_or_choices(self) -> "TuneSpec":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log:
+                raise ValueError("give either choices or low/high/log, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("needs low and high (or choices)")
+        if self.low > self.high:
+            raise ValueError(f"low {self.low:g} > high {self.high:g}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log scale needs low > 0, got low {self.low:g}")
+        return self
+
+
+DottedKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]
+
+
+class Tune(Strict):
+    setting: Name | None
+    seed: int
+    n_trials: PositiveInt
+    n_models: Annotated[int, Field(ge=2)]
+    chunks: PositiveInt
+    pruner_startup_trials: Count
+    heartbeat_seconds: PositiveInt
+    grace_seconds: PositiveInt
+    max_retry: Count
+    spaces: dict[Name, dict[DottedKey, TuneSpec]]
+
+    @model_validator(mode="after")
+    def _grace_after_heartbeat(self) -> "Tune":
+        if self.grace_seconds <= self.heartbeat_seconds:
+            raise ValueError(f"grace_seconds ({self.grace_seconds}) must exceed heartbeat_seconds ({self.heartbeat_seconds})")
+        if self.chunks > self.n_models:
+            raise ValueError(f"chunks ({self.chunks}) must be <= n_models ({self.n_models})")
+        return self
+
+
+def tune_space_problems(params: dict) -> list[str]:
+    """tune.spaces' keys against methods.<method>: each must name a scalar hyperparameter there, and an
+    int hyperparameter needs whole-number bounds."""
+    problems = []
+    for method, space in (params["tune"]["spaces"] or {}).items():
+        hparams = params["methods"].get(method)
+        if not isinstance(hparams, dict):
+            problems.append(f"tune.spaces.{method}: no methods.{method} in params.yaml")
+            continue
+        for key, spec in space.items():
+            node = hparams
+            for part in key.split("."):
+                node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+            where = f"tune.spaces.{method}.{key}"
+            if node is KeyError or isinstance(node, (dict, list)):
+                problems.append(f"{where}: methods.{method}.{key} is not a hyperparameter of {method}")
+            elif isinstance(node, int) and not isinstance(node, bool) and "low" in spec \
+                    and not all(float(spec[b]).is_integer() for b in ("low", "high")):
+                problems.append(f"{where}: methods.{method}.{key} is an int, so low and high must be whole numbers")
+    return problems
+
+
 class DatasetEntry(Strict):
     data: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
@@ -301,6 +370,7 @@ class Params(Strict):
     methods: dict[Name, Any]  # checked by the methods registry
     evaluate: Evaluate
     relearn: Relearn
+    tune: Tune
     mlflow: Mlflow
     benchmarks: Benchmarks
     ops: Ops
@@ -368,6 +438,9 @@ def validate_params(params: Any) -> None:
                 continue
             for section, model in (("data", Data), ("forget", Forget), ("model", Model), ("train", Train)):
                 problems += _check(model, merged[section], f"settings.{name} -> {section}.")
+        problems += tune_space_problems(params)
+        if params["tune"]["setting"] is not None and params["tune"]["setting"] not in params["settings"]:
+            problems.append(f"tune.setting {params['tune']['setting']!r} is not one of {sorted(params['settings'])}")
         for key in ("dataset", "benchmark_setting"):
             pool = params["datasets"] if key == "dataset" else params["settings"]
             if params["ops"][key] not in pool:

@@ -27,10 +27,11 @@ import pandas as pd  # noqa: E402
 from unlearnops import evaluation, ranking  # noqa: E402
 from unlearnops.report import relearn as report_relearn  # noqa: E402
 from unlearnops.report import ulira as report_ulira  # noqa: E402
+from unlearnops.report import sensitivity  # noqa: E402
 from unlearnops.files import write_atomic, write_csv, write_json, write_text_atomic  # noqa: E402
 from unlearnops.metrics import epsilon  # noqa: E402
 from unlearnops.outputs import RunOutputs  # noqa: E402
-from unlearnops.layout import Layout, run_names  # noqa: E402
+from unlearnops.layout import TUNE, Layout, run_names  # noqa: E402
 
 RETRAIN_ROW = "retrain (half vs half)"
 OVER_BUDGET = "†"  # marks time / retrain above evaluate.time_budget
@@ -475,9 +476,10 @@ def _plot(out_dir: Path, kind: str, setting: str) -> Path:
     return out_dir / "plots" / kind / (re.sub(r"[^A-Za-z0-9._-]+", "_", setting) + ".png")
 
 
-def build(params: dict, settings: dict[str, tuple[dict, Layout]], out_dir: Path, summary_dir: Path | None = None) -> list[Path]:
+def build(params: dict, settings: dict[str, tuple[dict, Layout]], out_dir: Path, summary_dir: Path | None = None,
+          tune_dir: Path = TUNE) -> list[Path]:
     """Write the report of `settings` (name -> (its params, its layout)) into out_dir, and with
-    `summary_dir` each setting's summary/<setting>.json; returns the paths."""
+    `summary_dir` each setting's summary/<setting>.json; the sensitivity section reads `tune_dir`; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {name: SettingResults(p, where) for name, (p, where) in settings.items()}
     budget = float(params["evaluate"]["time_budget"])
@@ -530,6 +532,8 @@ def build(params: dict, settings: dict[str, tuple[dict, Layout]], out_dir: Path,
             report_ulira.plot_data(*ulira[setting]).to_csv(path.with_suffix(".csv"), index=False)
     (out_dir / "plots" / "ulira").mkdir(parents=True, exist_ok=True)  # a DVC output even with U-LiRA off
     data = [p.with_suffix(".csv") for p in plots.values()]
+    sensitivity_table, sensitivity_md, sensitivity_plots, sensitivity_files = sensitivity.build(out_dir, tune_dir, list(results))
+    plots |= sensitivity_plots
     notes = [line for line in text.replace("**", "").split("\n\n") if line.strip()] + [
         "Final = F x retain-accuracy ratio x test-accuracy ratio (NeurIPS 2023 competition). "
         f"{OVER_BUDGET}: time / retrain above evaluate.time_budget = {budget:g} (the competition's limit). "
@@ -541,12 +545,14 @@ def build(params: dict, settings: dict[str, tuple[dict, Layout]], out_dir: Path,
     tables |= {"Table 1: one column group per setting": flat_shown.reset_index(), "Generality": general,
                "Relearning attack": relearn, "U-LiRA (per-example likelihood-ratio attack)": report_ulira.table(ulira)}
     tables |= {f"{s}: details": res.details() for s, res in results.items()}
+    tables["Hyperparameter sensitivity (unlearnops tune)"] = sensitivity_table
     html_path = write_html(out_dir / "index.html", f"unlearnops benchmark: {', '.join(results)}", notes, tables,
-                           {"Ranking stability on disjoint model subsets": stability_md}, plots)
+                           {"Ranking stability on disjoint model subsets": stability_md,
+                            "Hyperparameter sensitivity": sensitivity_md}, plots)
     summary_json = {row["method"]: {"mean_rank": row["mean rank"], "worst_final": row["worst Final"], "time_rank": int(row["time rank"])}
                     for row in general.to_dict("records")}
     write_json(out_dir / "generality.json", summary_json, sort_keys=False)
-    written += list(plots.values()) + data + [html_path, out_dir / "generality.json"]
+    written += list(plots.values()) + data + sensitivity_files + [html_path, out_dir / "generality.json"]
     if summary_dir is not None:
         summary_dir.mkdir(parents=True, exist_ok=True)
         for setting, res in results.items():

@@ -27,6 +27,7 @@ class EvalConfig:
     mia_splits: int
     js_bins: int
     time_budget: float  # the report flags methods slower than this fraction of retraining
+    ulira: dict  # U-LiRA's own section, checked by unlearnops.ulira.config_from (only its stage reads it)
 
 
 def eval_config(params: dict) -> EvalConfig:

@@ -146,12 +146,16 @@ def accuracy(stack, part, runtime) -> torch.Tensor:
     return (predict(stack, part.x, runtime).argmax(-1) == part.y).float().mean(1)
 
 
+# What a working copy needs to run the pipeline (tune/: `unlearnops tune`'s results, a dependency of the report).
+PIPELINE_FILES = ("dvc.yaml", "params.yaml", "stages", "unlearnops", "data/deleted.csv", "tune")
+
+
 @pytest.fixture()
 def repo_copy(tmp_path) -> Path:
     """The repository's pipeline files in a temporary folder (for end-to-end `dvc repro`)."""
     dest = tmp_path / "repo"
     dest.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "stages", "unlearnops", "data/deleted.csv", "tune"):  # tune/: a dependency of the report
+    for name in PIPELINE_FILES:
         src = REPO / name
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)

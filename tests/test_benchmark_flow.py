@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, tiny
+from conftest import PIPELINE_FILES, REPO, tiny
 from flows import benchmark as benchmark_flow
 from unlearnops import chunks
 from unlearnops.layout import setting_layout
@@ -149,7 +149,7 @@ def _free_port() -> int:
 
 def _checkout(src: Path, dest: Path) -> Path:
     """A working copy: the repository's pipeline files and the flows, nothing computed."""
-    for name in ("dvc.yaml", "params.yaml", "stages", "unlearnops", "flows", "data/deleted.csv"):
+    for name in (*PIPELINE_FILES, "flows"):
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, dest / name)
     return dest
@@ -186,7 +186,7 @@ def test_two_workers_in_two_checkouts_one_killed_mid_chunk(tmp_path, repo_params
     port = _free_port()
     params["ops"]["benchmark"].update(gpus=[], max_parallel=2, cluster=f"tcp://127.0.0.1:{port}")
     (tmp_path / "src").mkdir()
-    for name in ("dvc.yaml", "stages", "unlearnops", "flows", "data/deleted.csv"):
+    for name in (*(f for f in PIPELINE_FILES if f != "params.yaml"), "flows"):  # params.yaml: this test's own
         (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, tmp_path / "src" / name)
     (tmp_path / "src" / "params.yaml").write_text(yaml.safe_dump(params))

@@ -50,7 +50,7 @@ from prefect.cache_policies import NO_CACHE
 
 from unlearnops import chunks, tracking
 from unlearnops.config import ConfigError, load_params
-from unlearnops.ops.orchestration import _die_with_parent, deploy, prefect_api
+from unlearnops.ops.orchestration import _die_with_parent, deploy, prefect_api, stop_process
 
 GPU = "GPU"  # the worker resource a computing task holds: one per worker (a GPU, or a CPU slot)
 WORKSPACE_PREFIX = "workspace-"  # + a run id: the resource of the workers in the flow's own checkout
@@ -117,12 +117,7 @@ def stage_worker(address: str | None, workspace: str, slots: int):
     try:
         yield
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker)
 
 
 def _worker_name() -> str:

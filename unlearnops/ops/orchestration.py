@@ -128,12 +128,17 @@ def prefect_api(home: str | Path = ".prefect", startup_timeout_s: float = 180.0)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within timeout_s."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def deploy(flow, entrypoint: str, name: str, work_pool: str, **options) -> str:
